@@ -1,0 +1,168 @@
+"""The block-kernel contract and the registry.
+
+A block kernel computes attention of one block of queries against one block of keys:
+
+    forward(q, k, v, causal, softmax_scale, window) -> (out, lse)
+    backward(dout, q, k, v, out, lse, causal, softmax_scale, window) -> (dq, dk, dv)
+
+q is (b, sq, h, d), k and v (b, sk, hk, d) with h a multiple of hk (GQA/MQA); out is like q and
+lse is (b, h, sq) in float32, or in the input dtype when that is wider (float64 stays float64).
+``causal`` is aligned bottom-right, as in flash-attn: query i sees key j iff j <= i + sk - sq.
+``window = (left, right)`` bounds i + sk - sq - j to [-right, left] (None: unbounded; any integer,
+so the ring can express shifted masks); a row that sees no key gets lse = -inf and out = 0.
+``backward`` receives the lse and out of the *whole* attention (every block merged), which is what
+makes per-block gradients add up to the exact gradient.
+
+Varlen (packed documents) is the same contract on (total, h, d) tensors with ``cu_seqlens_q`` /
+``cu_seqlens_k``; a backend without native support runs it document by document.
+"""
+from __future__ import annotations
+
+import torch
+
+Window = tuple  # (left, right), None for unbounded
+NO_WINDOW = (None, None)
+
+
+class KernelError(ValueError):
+    """A backend that is unknown, not installed, or cannot do what a call asks."""
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class BlockKernel:
+    """Base of every backend. Subclasses implement ``_forward`` / ``_backward`` for dense tensors and
+    declare what they support in ``decline``."""
+
+    name = "?"
+    supports_window = False       # arbitrary (left, right) windows
+    supports_unequal_causal = False  # causal with sq != sk (bottom-right)
+    native_gqa = True
+
+    def available(self) -> bool:
+        return True
+
+    def decline(self, q: torch.Tensor, k: torch.Tensor, causal: bool, window) -> str | None:
+        """Why this backend cannot run the call, or None."""
+        return None
+
+    def why_not(self, q, k, causal=False, window=NO_WINDOW) -> str | None:
+        if not self.available():
+            return f"{self.name} is not installed"
+        if window != NO_WINDOW and not self.supports_window:
+            return f"{self.name} has no sliding-window support"
+        if causal and q.shape[-3] != k.shape[-3] and not self.supports_unequal_causal:
+            return f"{self.name} cannot do causal attention between blocks of unequal length"
+        if q.shape[-2] % k.shape[-2]:
+            return f"query heads {q.shape[-2]} are not a multiple of key/value heads {k.shape[-2]}"
+        return self.decline(q, k, causal, window)
+
+    # --- dense ---------------------------------------------------------------------------
+    def forward(self, q, k, v, *, causal=False, softmax_scale=None, window=NO_WINDOW):
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        if self.native_gqa:
+            return self._forward(q, k, v, causal, scale, window)
+        return self._forward(q, *_expand_kv(q, k, v), causal, scale, window)
+
+    def backward(self, dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window=NO_WINDOW):
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        if self.native_gqa:
+            return self._backward(dout, q, k, v, out, lse, causal, scale, window)
+        dq, dk, dv = self._backward(dout, q, *_expand_kv(q, k, v), out, lse, causal, scale, window)
+        return dq, _reduce_kv_grad(dk, k.shape[-2]), _reduce_kv_grad(dv, k.shape[-2])
+
+    def _forward(self, q, k, v, causal, scale, window):
+        raise NotImplementedError
+
+    def _backward(self, dout, q, k, v, out, lse, causal, scale, window):
+        raise NotImplementedError
+
+    # --- varlen: document by document unless a backend overrides -------------------------
+    def forward_varlen(self, q, k, v, cu_q, cu_k, *, causal=False, softmax_scale=None, window=NO_WINDOW):
+        outs, lses = [], []
+        for (qa, qb), (ka, kb) in _doc_bounds(cu_q, cu_k):
+            o, l = self.forward(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], causal=causal,
+                                softmax_scale=softmax_scale, window=window)
+            outs.append(o[0])
+            lses.append(l[0])
+        return torch.cat(outs), torch.cat(lses, dim=-1)
+
+    def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, *, causal=False, softmax_scale=None,
+                        window=NO_WINDOW):
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for (qa, qb), (ka, kb) in _doc_bounds(cu_q, cu_k):
+            g = self.backward(dout[None, qa:qb], q[None, qa:qb], k[None, ka:kb], v[None, ka:kb],
+                              out[None, qa:qb], lse[None, :, qa:qb].contiguous(), causal=causal,
+                              softmax_scale=softmax_scale, window=window)
+            dq[qa:qb], dk[ka:kb], dv[ka:kb] = g[0][0], g[1][0], g[2][0]
+        return dq, dk, dv
+
+    def __repr__(self):
+        return f"<block kernel {self.name}>"
+
+
+def _doc_bounds(cu_q, cu_k):
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    return [((cq[i], cq[i + 1]), (ck[i], ck[i + 1])) for i in range(len(cq) - 1)
+            if cq[i + 1] > cq[i] and ck[i + 1] > ck[i]]
+
+
+def _expand_kv(q, k, v):
+    rep = q.shape[-2] // k.shape[-2]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=-2), v.repeat_interleave(rep, dim=-2)
+
+
+def _reduce_kv_grad(g, kv_heads):
+    if g.shape[-2] == kv_heads:
+        return g
+    return g.unflatten(-2, (kv_heads, g.shape[-2] // kv_heads)).sum(-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+_REGISTRY: dict[str, BlockKernel] = {}
+_AUTO_ORDER: list[str] = []  # fastest first
+
+
+def register(kernel: BlockKernel, auto_rank: int | None = None) -> BlockKernel:
+    _REGISTRY[kernel.name] = kernel
+    if auto_rank is not None and kernel.name not in _AUTO_ORDER:
+        _AUTO_ORDER.insert(min(auto_rank, len(_AUTO_ORDER)), kernel.name)
+    return kernel
+
+
+def backends() -> list[str]:
+    return ["auto", *_REGISTRY]
+
+
+def get_kernel(name: str) -> BlockKernel:
+    if name not in _REGISTRY:
+        raise KernelError(f"unknown attention backend {name!r}; supported: {', '.join(backends())}")
+    return _REGISTRY[name]
+
+
+def select_kernel(backend: str, q, k, causal=False, window=NO_WINDOW) -> BlockKernel:
+    """The named backend (which must accept the call), or with "auto" the fastest that accepts it."""
+    if backend != "auto":
+        kernel = get_kernel(backend)
+        reason = kernel.why_not(q, k, causal, window)
+        if reason:
+            raise KernelError(f"backend {backend!r} cannot run this attention block: {reason}; "
+                              f"use backend='auto' or one of {', '.join(backends())}")
+        return kernel
+    reasons = []
+    for name in _AUTO_ORDER:
+        reason = _REGISTRY[name].why_not(q, k, causal, window)
+        if reason is None:
+            return _REGISTRY[name]
+        reasons.append(reason)
+    raise KernelError("no attention backend accepts this block: " + "; ".join(reasons))
+
+
+def auto_order() -> list[str]:
+    return list(_AUTO_ORDER)

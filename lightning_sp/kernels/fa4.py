@@ -1,0 +1,75 @@
+"""FlashAttention-4 (``flash_attn.cute``, package ``flash-attn-4``), used when installed: the fastest
+block kernel on Hopper. q, k, v are (b, s, h, d) as in our contract; causal and windows are aligned
+bottom-right as ours; the lse comes back as float32 (b, h, s); varlen is native."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .base import BlockKernel, register
+
+
+def _interface():
+    from flash_attn.cute import interface
+    return interface
+
+
+def _window_args(window):
+    left, right = window
+    return {"window_size_left": left, "window_size_right": right}
+
+
+class FA4Kernel(BlockKernel):
+    name = "fa4"
+    supports_window = True
+    supports_unequal_causal = True
+
+    def available(self) -> bool:
+        return torch.cuda.is_available() and importlib.util.find_spec("flash_attn.cute") is not None
+
+    def decline(self, q, k, causal, window):
+        if q.device.type != "cuda":
+            return f"fa4 runs on cuda, not {q.device.type}"
+        if torch.cuda.get_device_capability(q.device)[0] < 9:
+            return "fa4 needs a Hopper or Blackwell GPU"
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"fa4 takes float16 or bfloat16, not {q.dtype}"
+        if q.shape[-1] % 8 or q.shape[-1] > 256:
+            return f"fa4 takes head dims that are multiples of 8 up to 256, not {q.shape[-1]}"
+        if any(w is not None and w < 0 for w in window):
+            return "fa4 takes window bounds >= 0 only"
+        return None
+
+    def _forward(self, q, k, v, causal, scale, window):
+        out, lse = _interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=causal,
+                                                return_lse=True, **_window_args(window))
+        return out, lse
+
+    def _backward(self, dout, q, k, v, out, lse, causal, scale, window):
+        dq, dk, dv = _interface()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=causal,
+                                                  **_window_args(window))[:3]
+        return dq, dk, dv
+
+    def forward_varlen(self, q, k, v, cu_q, cu_k, *, causal=False, softmax_scale=None, window=(None, None)):
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        out, lse = _interface()._flash_attn_fwd(
+            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=_max_len(cu_q),
+            max_seqlen_k=_max_len(cu_k), softmax_scale=scale, causal=causal, return_lse=True,
+            **_window_args(window))
+        return out, lse
+
+    def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, *, causal=False, softmax_scale=None,
+                        window=(None, None)):
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        return _interface()._flash_attn_bwd(
+            q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k, max_seqlen_q=_max_len(cu_q), max_seqlen_k=_max_len(cu_k),
+            **_window_args(window))[:3]
+
+
+def _max_len(cu):
+    return int((cu[1:] - cu[:-1]).max())
+
+
+fa4 = register(FA4Kernel(), auto_rank=0)

@@ -1,0 +1,288 @@
+"""Which global token lives on which rank.
+
+Over the R ranks of a ring, ring rank r holds
+  contiguous (alias ``basic``): chunk r of ``chunk(R)``;
+  zigzag: chunks r and 2R-1-r of ``chunk(2R)``, in that order;
+  stripe: tokens r, r+R, r+2R, ... (stripe width 1).
+Each ring rank's tokens are then split contiguously over its U Ulysses ranks, so the Ulysses
+all-to-all reassembles exactly the ring rank's tokens. Packed documents are laid out one by one.
+
+This module is the only place that knows these rules; the ring attention gets its per-step block
+schedule from :func:`block_schedule`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .mesh import SPConfigError, SPMesh, single_process_mesh
+
+LAYOUT_ALIASES = {"basic": "contiguous", "contiguous": "contiguous", "zigzag": "zigzag",
+                  "stripe": "stripe", "strip": "stripe"}
+LAYOUTS = ("basic", "contiguous", "zigzag", "stripe")
+
+
+def canonical_layout(layout: str) -> str:
+    try:
+        return LAYOUT_ALIASES[layout]
+    except (KeyError, TypeError):
+        raise SPConfigError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}") from None
+
+
+def ring_multiple(layout: str, ring_size: int) -> int:
+    """How many tokens one document (or sequence) must be a multiple of for the ring layout."""
+    return 2 * ring_size if canonical_layout(layout) == "zigzag" else ring_size
+
+
+def layout_multiple(layout: str, mesh: SPMesh | None) -> int:
+    """The multiple a dense sequence length must have on this mesh (ring layout x Ulysses split)."""
+    mesh = mesh or single_process_mesh()
+    return ring_multiple(layout, mesh.ring_size) * mesh.ulysses_size
+
+
+def check_seq_len(seq_len: int, layout: str, mesh: SPMesh | None) -> None:
+    m = layout_multiple(layout, mesh)
+    if seq_len % m:
+        mesh = mesh or single_process_mesh()
+        raise SPConfigError(
+            f"sequence length {seq_len} is not divisible by {m}, the multiple the {canonical_layout(layout)!r} "
+            f"layout needs with ring degree {mesh.ring_size} and ulysses degree {mesh.ulysses_size}; "
+            f"pad the sequence to {-(-seq_len // m) * m} tokens (the strategy and pad_to_multiple do this)")
+
+
+def ring_rank_indices(n: int, layout: str, ring_size: int, ring_rank: int) -> torch.Tensor:
+    """Positions (0..n-1) held by one ring rank, for a sequence or document of length n."""
+    layout = canonical_layout(layout)
+    if n % ring_multiple(layout, ring_size):
+        raise SPConfigError(f"length {n} is not divisible by {ring_multiple(layout, ring_size)} "
+                            f"({layout} layout over {ring_size} ring ranks)")
+    if layout == "contiguous":
+        per = n // ring_size
+        return torch.arange(ring_rank * per, (ring_rank + 1) * per)
+    if layout == "zigzag":
+        c = n // (2 * ring_size)
+        late = 2 * ring_size - 1 - ring_rank
+        return torch.cat([torch.arange(ring_rank * c, (ring_rank + 1) * c), torch.arange(late * c, (late + 1) * c)])
+    return torch.arange(ring_rank, n, ring_size)
+
+
+def local_indices(seq_len: int, mesh: SPMesh | None, layout: str) -> torch.Tensor:
+    """Global indices of this rank's tokens of a dense sequence, in local order."""
+    mesh = mesh or single_process_mesh()
+    check_seq_len(seq_len, layout, mesh)
+    ring_idx = ring_rank_indices(seq_len, layout, mesh.ring_size, mesh.ring_rank)
+    return ring_idx.chunk(mesh.ulysses_size)[mesh.ulysses_rank]
+
+
+def shard(x: torch.Tensor, mesh: SPMesh | None, layout: str, dim: int = 1) -> torch.Tensor:
+    """This rank's tokens of ``x`` along ``dim`` (a copy, in local order)."""
+    idx = local_indices(x.shape[dim], mesh, layout).to(x.device)
+    return x.index_select(dim, idx)
+
+
+def position_ids(seq_len: int, mesh: SPMesh | None, layout: str, device=None) -> torch.Tensor:
+    """Global positions of this rank's tokens, e.g. for RoPE: shape (local_seq,)."""
+    return local_indices(seq_len, mesh, layout).to(device)
+
+
+def _gather_sp(x_local: torch.Tensor, mesh: SPMesh, dim: int) -> list[torch.Tensor]:
+    parts = [torch.empty_like(x_local) for _ in range(mesh.sp_size)]
+    dist.all_gather(parts, x_local.contiguous(), group=mesh.sp_group)
+    return parts
+
+
+def _sp_coords(mesh: SPMesh, sp_rank: int) -> SPMesh:
+    """The mesh as seen by another rank of the same sequence-parallel group (for index maths)."""
+    return SPMesh(None, 1, mesh.ring_size, mesh.ulysses_size, 0, sp_rank // mesh.ulysses_size,
+                  sp_rank % mesh.ulysses_size, None, None, None, None, mesh.ring_ranks)
+
+
+def unshard(x_local: torch.Tensor, mesh: SPMesh | None, layout: str, dim: int = 1) -> torch.Tensor:
+    """Collective over the sequence-parallel group: the full tensor, in original order, on every rank."""
+    mesh = mesh or single_process_mesh()
+    if mesh.sp_size == 1:
+        return x_local
+    dim = dim % x_local.dim()
+    parts = _gather_sp(x_local, mesh, dim)
+    seq_len = x_local.shape[dim] * mesh.sp_size
+    order = torch.cat([local_indices(seq_len, _sp_coords(mesh, r), layout) for r in range(mesh.sp_size)])
+    full = torch.cat(parts, dim=dim)
+    return full.index_select(dim, torch.argsort(order).to(full.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed documents (varlen)
+
+
+@dataclass(frozen=True)
+class PackedShard:
+    """This rank's share of a packed batch of documents.
+
+    ``cu_seqlens`` / ``max_seqlen`` describe the ring rank's share of every (padded) document:
+    that is what the varlen attention functions take, and with ulysses degree 1 it is exactly this
+    rank's tokens. ``token_index`` maps each local token to its index in the original packed
+    sequence (-1 for padding); ``position_ids`` are positions within each document.
+    """
+
+    layout: str
+    token_index: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    padded_cu_seqlens: torch.Tensor
+    slot_to_token: torch.Tensor  # for every slot of the padded packed sequence: original token or -1
+
+    @property
+    def total_tokens(self) -> int:
+        return int((self.slot_to_token >= 0).sum())
+
+    def shard(self, x: torch.Tensor, dim: int = 0, pad_value=0) -> torch.Tensor:
+        """This rank's tokens of a packed tensor (original, unpadded) along ``dim``; pads get pad_value."""
+        dim = dim % x.dim()
+        if x.shape[dim] != self.total_tokens:
+            raise SPConfigError(f"tensor has {x.shape[dim]} tokens along dim {dim}, the packing has {self.total_tokens}")
+        idx = self.token_index.to(x.device)
+        out = x.index_select(dim, idx.clamp(min=0))
+        pad = (idx < 0).view([-1 if d == dim else 1 for d in range(x.dim())])
+        return out.masked_fill(pad, pad_value)
+
+    def unshard(self, x_local: torch.Tensor, mesh: SPMesh | None, dim: int = 0) -> torch.Tensor:
+        """Collective over the sequence-parallel group: the packed tensor in original order, pads dropped."""
+        mesh = mesh or single_process_mesh()
+        dim = dim % x_local.dim()
+        parts = _gather_sp(x_local, mesh, dim) if mesh.sp_size > 1 else [x_local]
+        slots = [_packed_slots(self.padded_cu_seqlens, _sp_coords(mesh, r), self.layout)[0]
+                 for r in range(mesh.sp_size)]
+        full = torch.cat(parts, dim=dim)
+        index = self.slot_to_token[torch.cat(slots)].to(full.device)
+        keep = torch.nonzero(index >= 0).flatten()
+        out_shape = list(full.shape)
+        out_shape[dim] = self.total_tokens
+        return full.new_zeros(out_shape).index_copy(dim, index[keep], full.index_select(dim, keep))
+
+
+def _packed_slots(padded_cu: torch.Tensor, mesh: SPMesh, layout: str):
+    """(slots of the padded sequence, positions within documents, local cu_seqlens) of one rank."""
+    ring_parts, pos_parts, local_lens = [], [], []
+    bounds = padded_cu.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        pos = ring_rank_indices(end - start, layout, mesh.ring_size, mesh.ring_rank)
+        ring_parts.append(pos + start)
+        pos_parts.append(pos)
+        local_lens.append(len(pos))
+    u, U = mesh.ulysses_rank, mesh.ulysses_size
+    slots = torch.cat(ring_parts).chunk(U)[u]
+    pos = torch.cat(pos_parts).chunk(U)[u]
+    return slots, pos, torch.tensor([0] + local_lens).cumsum(0).to(torch.int32)
+
+
+def shard_documents(cu_seqlens, mesh: SPMesh | None, layout: str) -> PackedShard:
+    """Lay out packed documents (global ``cu_seqlens`` of the unpadded packed sequence) over the mesh.
+
+    Every document is padded at its end to the layout's multiple and split on its own; a final
+    padding document makes the ring rank's share divisible by the ulysses degree. Returns the
+    indices and the local ``cu_seqlens`` (see :class:`PackedShard`).
+    """
+    mesh = mesh or single_process_mesh()
+    layout = canonical_layout(layout)
+    cu = torch.as_tensor(cu_seqlens).to("cpu", torch.int64)
+    if cu.dim() != 1 or len(cu) < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
+        raise SPConfigError(f"cu_seqlens must be a 1-D non-decreasing sequence starting at 0, got {cu.tolist()}")
+    lengths = cu[1:] - cu[:-1]
+    lengths = lengths[lengths > 0]
+    m = ring_multiple(layout, mesh.ring_size)
+    padded = (lengths + m - 1) // m * m
+    extra = (-int(padded.sum())) % math.lcm(m, mesh.ring_size * mesh.ulysses_size)
+    if extra:  # a padding document, so the ring rank's share splits evenly over the ulysses ranks
+        padded = torch.cat([padded, torch.tensor([extra])])
+    padded_cu = torch.cat([torch.zeros(1, dtype=torch.int64), padded.cumsum(0)])
+    starts = padded_cu[:-1][: len(lengths)]
+    slot_to_token = torch.full((int(padded_cu[-1]),), -1, dtype=torch.int64)
+    doc_of_token = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    offset_in_doc = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    slot_to_token[starts[doc_of_token] + offset_in_doc] = torch.arange(int(lengths.sum()))
+    slots, pos, local_cu = _packed_slots(padded_cu, mesh, layout)
+    return PackedShard(
+        layout=layout, token_index=slot_to_token[slots], position_ids=pos, cu_seqlens=local_cu,
+        max_seqlen=int((local_cu[1:] - local_cu[:-1]).max()), padded_cu_seqlens=padded_cu,
+        slot_to_token=slot_to_token)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ring block schedule
+
+
+@dataclass(frozen=True)
+class BlockPair:
+    """One kernel call of a ring step: local query rows q[q_start:q_stop] against received keys
+    k[k_start:k_stop], masked by ``causal`` and ``window`` as the block-kernel contract defines them
+    (bottom-right aligned; window bounds of None are unbounded and may be any integer)."""
+
+    q_start: int
+    q_stop: int
+    k_start: int
+    k_stop: int
+    causal: bool = False
+    window: tuple[int | None, int | None] = (None, None)
+
+
+def _runs(layout: str, ring_rank: int, ring_size: int, n_local: int):
+    """(local start, first position, length, stride) runs of a ring rank's share of one document."""
+    if layout == "contiguous":
+        return [(0, ring_rank * n_local, n_local, 1)]
+    if layout == "zigzag":
+        c = n_local // 2
+        return [(0, ring_rank * c, c, 1), (c, (2 * ring_size - 1 - ring_rank) * c, c, 1)]
+    return [(0, ring_rank, n_local, ring_size)]
+
+
+def _classify(qrun, krun, causal: bool, window) -> BlockPair | None:
+    """Turn 'position mask restricted to two runs' into one kernel call (or None when empty)."""
+    (qs, qp, nq, stride), (ks, kp, nk, _) = qrun, krun
+    left, right = window
+    bounds = [b for b in (0 if causal else None, None if right is None else -right) if b is not None]
+    lo_d = max(bounds) if bounds else None  # smallest allowed q_pos - k_pos
+    delta = qp - kp
+    # allowed: lo_t <= i - j <= hi_t in local indices
+    lo_t = None if lo_d is None else -((delta - lo_d) // stride)
+    hi_t = None if left is None else (left - delta) // stride
+    if (lo_t is not None and lo_t > nq - 1) or (hi_t is not None and hi_t < -(nk - 1)):
+        return None
+    lo_free = lo_t is None or lo_t <= -(nk - 1)
+    hi_free = hi_t is None or hi_t >= nq - 1
+    if lo_free and hi_free:
+        return BlockPair(qs, qs + nq, ks, ks + nk)
+    if hi_free and 0 < nq - lo_t <= nk:
+        # a shifted causal mask: drop the query rows that see nothing and the keys nobody sees
+        qa = max(lo_t, 0)
+        return BlockPair(qs + qa, qs + nq, ks, ks + nq - lo_t, causal=True)
+    return BlockPair(qs, qs + nq, ks, ks + nk,
+                     window=(None if hi_free else hi_t + nk - nq, None if lo_free else -lo_t - (nk - nq)))
+
+
+def block_schedule(layout: str, q_rank: int, kv_rank: int, ring_size: int, n_local: int,
+                   causal: bool, window=(None, None)) -> list[BlockPair]:
+    """The kernel calls with which ring rank ``q_rank`` attends to the keys of ``kv_rank``.
+
+    ``n_local`` is the ring rank's share of one document (or of the dense sequence); ``window`` is
+    ``(left, right)`` in global positions, None for unbounded. With zigzag and stripe every rank
+    gets the same causal work at every step.
+    """
+    layout = canonical_layout(layout)
+    full = BlockPair(0, n_local, 0, n_local)
+    if not causal and window == (None, None):
+        return [full]
+    if layout == "zigzag" and window == (None, None):
+        half = n_local // 2  # the balanced zigzag steps, one call each
+        if kv_rank == q_rank:
+            return [BlockPair(0, n_local, 0, n_local, causal=True)]
+        if kv_rank < q_rank:
+            return [BlockPair(0, n_local, 0, half)]
+        return [BlockPair(half, n_local, 0, n_local)]
+    qruns = _runs(layout, q_rank, ring_size, n_local)
+    kruns = _runs(layout, kv_rank, ring_size, n_local)
+    pairs = [_classify(qr, kr, causal, window) for qr in qruns for kr in kruns]
+    return [p for p in pairs if p is not None and p.q_stop > p.q_start and p.k_stop > p.k_start]

@@ -1,0 +1,113 @@
+"""The sequence-parallel device mesh: ("dp", "ring", "ulysses"), ulysses innermost.
+
+Consecutive ranks form a Ulysses group, so on a node whose GPUs are numbered consecutively the
+all-to-all stays on NVLink while the ring's point-to-point traffic crosses nodes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+MESH_DIMS = ("dp", "ring", "ulysses")
+
+
+class SPConfigError(ValueError):
+    """A sequence-parallel configuration that cannot work; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class SPMesh:
+    """Process groups and coordinates of one rank in a dp x ring x ulysses mesh.
+
+    With a world of one process (or no process group at all) every group is ``None`` and every
+    size is 1, so the same code path serves single-process references.
+    """
+
+    device_mesh: DeviceMesh | None
+    dp_size: int
+    ring_size: int
+    ulysses_size: int
+    dp_rank: int
+    ring_rank: int
+    ulysses_rank: int
+    dp_group: dist.ProcessGroup | None
+    ring_group: dist.ProcessGroup | None
+    ulysses_group: dist.ProcessGroup | None
+    sp_group: dist.ProcessGroup | None
+    ring_ranks: tuple[int, ...]  # global ranks of this rank's ring group, in ring order
+
+    @property
+    def sp_size(self) -> int:
+        return self.ring_size * self.ulysses_size
+
+    @property
+    def sp_rank(self) -> int:
+        return self.ring_rank * self.ulysses_size + self.ulysses_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.dp_size * self.sp_size
+
+    def describe(self) -> str:
+        return (f"dp={self.dp_size} x ring={self.ring_size} x ulysses={self.ulysses_size} "
+                f"(rank: dp {self.dp_rank}, ring {self.ring_rank}, ulysses {self.ulysses_rank})")
+
+
+def check_degrees(world_size: int, ulysses_degree: int, ring_degree: int) -> int:
+    """Validate the degrees against the world size; returns the data-parallel degree."""
+    for name, value in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SPConfigError(f"{name} must be a positive int, got {value!r}")
+    sp = ulysses_degree * ring_degree
+    if world_size % sp:
+        raise SPConfigError(
+            f"ulysses_degree x ring_degree = {ulysses_degree} x {ring_degree} = {sp} does not divide "
+            f"the world size {world_size}; choose degrees whose product divides {world_size} "
+            f"(the remaining factor becomes data parallelism)")
+    return world_size // sp
+
+
+def single_process_mesh() -> SPMesh:
+    return SPMesh(None, 1, 1, 1, 0, 0, 0, None, None, None, None, (0,))
+
+
+def _default_device_type() -> str:
+    backend = dist.get_backend()
+    if torch.cuda.is_available() and "nccl" in str(backend):
+        return "cuda"
+    return "cpu"
+
+
+def init_sp_mesh(ulysses_degree: int = 1, ring_degree: int = 1, device_type: str | None = None) -> SPMesh:
+    """Build the dp x ring x ulysses mesh over the default process group.
+
+    Collective: every rank must call it with the same arguments. It may be called again (with the
+    same or other degrees); each call makes new groups. Without an initialized process group it
+    returns the single-process mesh, which only accepts degrees of 1.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        check_degrees(1, ulysses_degree, ring_degree)
+        return single_process_mesh()
+    world = dist.get_world_size()
+    dp = check_degrees(world, ulysses_degree, ring_degree)
+    device_type = device_type or _default_device_type()
+    mesh = init_device_mesh(device_type, (dp, ring_degree, ulysses_degree), mesh_dim_names=MESH_DIMS)
+    sp_mesh = mesh["ring", "ulysses"]._flatten("sp")
+    ring_group = mesh.get_group("ring")
+    return SPMesh(
+        device_mesh=mesh,
+        dp_size=dp,
+        ring_size=ring_degree,
+        ulysses_size=ulysses_degree,
+        dp_rank=mesh.get_local_rank("dp"),
+        ring_rank=mesh.get_local_rank("ring"),
+        ulysses_rank=mesh.get_local_rank("ulysses"),
+        dp_group=mesh.get_group("dp"),
+        ring_group=ring_group,
+        ulysses_group=mesh.get_group("ulysses"),
+        sp_group=sp_mesh.get_group(),
+        ring_ranks=tuple(dist.get_process_group_ranks(ring_group)),
+    )
