@@ -1,0 +1,166 @@
+"""LongContextAttention: Ulysses over the ulysses group, Ring over the ring group."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..kernels import KernelError, backends
+from ..layout import canonical_layout
+from ..mesh import SPConfigError, SPMesh, single_process_mesh
+from .ring import RingSpec, ring_attention
+from .ulysses import check_heads, heads_to_seq, seq_to_heads
+
+
+def normalize_window(window_size) -> tuple:
+    """flash-attn's (left, right) with -1 for unbounded -> (left, right) with None for unbounded."""
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise SPConfigError(f"window_size must be a pair (left, right), got {window_size!r}") from None
+    for w in (left, right):
+        if not isinstance(w, int) or w < -1:
+            raise SPConfigError(f"window_size entries must be ints >= -1 (-1 = unbounded), got {window_size!r}")
+    return (None if left < 0 else left, None if right < 0 else right)
+
+
+def reject_unsupported(dropout_p=0.0, alibi_slopes=None) -> None:
+    if dropout_p:
+        raise SPConfigError(f"dropout_p={dropout_p} is not supported by sequence-parallel attention; "
+                            f"pass dropout_p=0.0 and apply dropout outside the attention")
+    if alibi_slopes is not None:
+        raise SPConfigError("alibi_slopes are not supported; pass alibi_slopes=None "
+                            "(use RoPE with global position_ids instead)")
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in backends():
+        raise KernelError(f"unknown attention backend {backend!r}; supported: {', '.join(backends())}")
+    return backend
+
+
+def long_context_attention(q, k, v, mesh: SPMesh, layout: str, *, causal=False, softmax_scale=None,
+                           window_size=(-1, -1), cu_seqlens=None, max_seqlen=None, backend="auto",
+                           return_lse=False):
+    """Functional hybrid attention on this rank's tokens (see :class:`LongContextAttention`)."""
+    layout = canonical_layout(layout)
+    window = normalize_window(window_size)
+    varlen = cu_seqlens is not None
+    expected_dim = 3 if varlen else 4
+    if q.dim() != expected_dim or k.dim() != expected_dim or v.dim() != expected_dim:
+        shape = "(tokens, heads, head_dim) with cu_seqlens" if varlen else "(batch, seq, heads, head_dim)"
+        raise SPConfigError(f"q, k, v must be {shape}; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
+        raise SPConfigError(f"incompatible q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:  # e.g. fp32 RoPE output next to a bf16 value
+        k, v = k.to(q.dtype), v.to(q.dtype)
+    U, R = mesh.ulysses_size, mesh.ring_size
+    check_heads(q.shape[-2], k.shape[-2], U)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if varlen:
+        cu = [int(x) for x in torch.as_tensor(cu_seqlens).tolist()]
+        _check_varlen(cu, q.shape[0], layout, mesh)
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    else:
+        cu = None
+        n_ring = q.shape[1] * U
+        if layout == "zigzag" and n_ring % 2:
+            raise SPConfigError(f"the zigzag layout needs an even number of tokens per ring rank; got "
+                                f"{n_ring} ({q.shape[1]} local x ulysses {U}); pad the sequence to a multiple "
+                                f"of {2 * R * U}")
+    if U > 1:
+        q, k, v = seq_to_heads(q, k, v, mesh.ulysses_group, U)
+    if varlen:
+        q, k, v = q[0], k[0], v[0]
+    spec = RingSpec(mesh, layout, causal, scale, window, _check_backend(backend), tuple(cu) if varlen else None)
+    out, lse = ring_attention(q, k, v, spec)
+    if varlen:
+        out = out.unsqueeze(0)
+    if U > 1:
+        out = heads_to_seq(out, mesh.ulysses_group, U)
+    if varlen:
+        out = out[0]
+    return (out, lse) if return_lse else out
+
+
+def _check_varlen(cu, local_tokens, layout, mesh):
+    U = mesh.ulysses_size
+    if cu[0] != 0 or any(b < a for a, b in zip(cu[:-1], cu[1:])):
+        raise SPConfigError(f"cu_seqlens must start at 0 and not decrease, got {cu}")
+    if cu[-1] != local_tokens * U:
+        raise SPConfigError(
+            f"cu_seqlens ends at {cu[-1]} but this rank holds {local_tokens} tokens x ulysses degree {U} = "
+            f"{local_tokens * U}; pass the local cu_seqlens that lightning_sp.layout.shard_documents returns")
+    if layout == "zigzag":
+        odd = [b - a for a, b in zip(cu[:-1], cu[1:]) if (b - a) % 2]
+        if odd:
+            raise SPConfigError(f"the zigzag layout needs every document's local length to be even, got {odd}; "
+                                f"pad documents with lightning_sp.layout.shard_documents")
+
+
+class LongContextAttention(nn.Module):
+    """Exact attention over a sequence split across the ranks of a dp x ring x ulysses mesh.
+
+    q, k, v are this rank's tokens, ``(batch, local_seq, heads, head_dim)`` in the layout named by
+    ``ring_impl`` (``lightning_sp.layout.shard`` makes them); with ``cu_seqlens``, packed documents
+    ``(local_tokens, heads, head_dim)`` with the local ``cu_seqlens`` of
+    ``lightning_sp.layout.shard_documents``. Constructing it touches no process group; ``mesh=None``
+    means "bound later" (``bind``, which the Lightning strategy calls). Unbound in a world of one
+    process it attends locally; unbound in a larger world it raises.
+    """
+
+    def __init__(self, mesh: SPMesh | None = None, ring_impl: str = "zigzag", backend: str = "auto"):
+        super().__init__()
+        self.mesh = mesh
+        self.ring_impl = canonical_layout(ring_impl)
+        self.backend = _check_backend(backend)
+
+    def bind(self, mesh: SPMesh, ring_impl: str | None = None, backend: str | None = None):
+        self.mesh = mesh
+        if ring_impl is not None:
+            self.ring_impl = canonical_layout(ring_impl)
+        if backend is not None:
+            self.backend = _check_backend(backend)
+        return self
+
+    def resolved_mesh(self) -> SPMesh:
+        if self.mesh is not None:
+            return self.mesh
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise SPConfigError(
+                f"{type(self).__name__} has no mesh in a world of {dist.get_world_size()} ranks; pass "
+                f"mesh=lightning_sp.init_sp_mesh(...) or train with strategy='ulysses_ring', which binds it")
+        return single_process_mesh()
+
+    def forward(self, q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), cu_seqlens=None,
+                max_seqlen=None):
+        return long_context_attention(q, k, v, self.resolved_mesh(), self.ring_impl, causal=causal,
+                                      softmax_scale=softmax_scale, window_size=window_size,
+                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        mesh = "unbound" if self.mesh is None else self.mesh.describe()
+        return f"ring_impl={self.ring_impl!r}, backend={self.backend!r}, mesh={mesh}"
+
+
+class LongContextAttentionQKVPacked(LongContextAttention):
+    """LongContextAttention on one packed ``(batch, local_seq, 3, heads, head_dim)`` input."""
+
+    def forward(self, qkv, causal=False, softmax_scale=None, window_size=(-1, -1), cu_seqlens=None,
+                max_seqlen=None):
+        q, k, v = qkv.unbind(dim=-3)
+        return super().forward(q, k, v, causal, softmax_scale, window_size, cu_seqlens, max_seqlen)
+
+
+class UlyssesAttention(LongContextAttention):
+    """Pure Ulysses: the ring degree of its mesh must be 1 (on a hybrid mesh use LongContextAttention)."""
+
+    def __init__(self, mesh: SPMesh | None = None, backend: str = "auto"):
+        super().__init__(mesh, ring_impl="contiguous", backend=backend)
+
+    def resolved_mesh(self) -> SPMesh:
+        mesh = super().resolved_mesh()
+        if mesh.ring_size != 1:
+            raise SPConfigError(f"UlyssesAttention needs ring degree 1, the mesh has {mesh.ring_size}; "
+                                f"use LongContextAttention for hybrid meshes")
+        return mesh

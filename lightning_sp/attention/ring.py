@@ -1,0 +1,186 @@
+"""Ring attention: K/V blocks travel around the ring group while each rank attends its queries to
+them; partial outputs are merged through their log-sum-exp. The loop knows nothing of layouts
+beyond the per-step schedule that :func:`lightning_sp.layout.block_schedule` hands it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from ..comm import RingExchange
+from ..kernels import lse_dtype, select_kernel
+from ..layout import block_schedule
+from ..mesh import SPMesh
+from .merge import OutputAccumulator, add_at, take
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """Everything about one ring attention call except its tensors."""
+
+    mesh: SPMesh
+    layout: str
+    causal: bool
+    softmax_scale: float
+    window: tuple  # (left, right) in global positions, None unbounded
+    backend: str
+    cu_seqlens: tuple[int, ...] | None = None  # the ring rank's share of each document (varlen)
+
+    @property
+    def seq_dim(self) -> int:
+        return 0 if self.cu_seqlens is not None else 1
+
+
+@dataclass(frozen=True)
+class BlockCall:
+    """One kernel call: query rows q_sel against key rows k_sel (slices, or index tensors for varlen)."""
+
+    q_sel: object
+    k_sel: object
+    causal: bool
+    window: tuple
+    cu_q: torch.Tensor | None = None
+    cu_k: torch.Tensor | None = None
+
+
+class StepPlan:
+    """The block calls of every ring step for this rank, built once per forward and kept for backward."""
+
+    def __init__(self, spec: RingSpec, n_local: int, device):
+        self.spec, self.n_local, self.device = spec, n_local, device
+
+    @cached_property
+    def steps(self) -> list[list[BlockCall]]:
+        mesh = self.spec.mesh
+        return [self._calls(mesh.ring_rank, (mesh.ring_rank - step) % mesh.ring_size)
+                for step in range(mesh.ring_size)]
+
+    def _calls(self, q_rank: int, kv_rank: int) -> list[BlockCall]:
+        s = self.spec
+        R = s.mesh.ring_size
+        if s.cu_seqlens is None:
+            pairs = block_schedule(s.layout, q_rank, kv_rank, R, self.n_local, s.causal, s.window)
+            return [BlockCall(_slice(p.q_start, p.q_stop, self.n_local), _slice(p.k_start, p.k_stop, self.n_local),
+                              p.causal, p.window) for p in pairs]
+        # varlen: each document gets its own schedule; calls of the same mask kind are batched
+        groups: dict[tuple, list] = {}
+        bounds = s.cu_seqlens
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            if stop == start:
+                continue
+            for p in block_schedule(s.layout, q_rank, kv_rank, R, stop - start, s.causal, s.window):
+                groups.setdefault((p.causal, p.window), []).append(
+                    (start + p.q_start, start + p.q_stop, start + p.k_start, start + p.k_stop))
+        return [self._varlen_call(causal, window, ranges) for (causal, window), ranges in groups.items()]
+
+    def _varlen_call(self, causal, window, ranges) -> BlockCall:
+        def selection(spans):
+            lengths = [b - a for a, b in spans]
+            cu = torch.tensor([0, *lengths], device=self.device).cumsum(0).to(torch.int32)
+            if spans == _doc_spans(self.spec.cu_seqlens):
+                return slice(None), cu
+            index = torch.cat([torch.arange(a, b) for a, b in spans]).to(self.device)
+            return index, cu
+
+        q_sel, cu_q = selection([(a, b) for a, b, _, _ in ranges])
+        k_sel, cu_k = selection([(c, d) for _, _, c, d in ranges])
+        return BlockCall(q_sel, k_sel, causal, window, cu_q, cu_k)
+
+
+def _slice(start: int, stop: int, n: int) -> slice:
+    return slice(None) if (start, stop) == (0, n) else slice(start, stop)
+
+
+def _doc_spans(cu):
+    return [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+
+
+def _kernel_forward(spec: RingSpec, call: BlockCall, q, k, v):
+    d = spec.seq_dim
+    qb, kb, vb = take(q, call.q_sel, d), take(k, call.k_sel, d), take(v, call.k_sel, d)
+    kernel = select_kernel(spec.backend, qb, kb, call.causal, call.window)
+    kw = dict(causal=call.causal, softmax_scale=spec.softmax_scale, window=call.window)
+    if call.cu_q is None:
+        out, lse = kernel.forward(qb, kb, vb, **kw)
+    else:
+        out, lse = kernel.forward_varlen(qb, kb, vb, call.cu_q, call.cu_k, **kw)
+    return out, lse.transpose(-1, -2)  # lse in row layout: (b, s, h) or (t, h)
+
+
+def _kernel_backward(spec: RingSpec, call: BlockCall, dout, q, k, v, out, lse_k):
+    d = spec.seq_dim
+    qb, kb, vb = take(q, call.q_sel, d), take(k, call.k_sel, d), take(v, call.k_sel, d)
+    args = (take(dout, call.q_sel, d), qb, kb, vb, take(out, call.q_sel, d),
+            take(lse_k, call.q_sel, lse_k.dim() - 1).contiguous())
+    kernel = select_kernel(spec.backend, qb, kb, call.causal, call.window)
+    kw = dict(causal=call.causal, softmax_scale=spec.softmax_scale, window=call.window)
+    if call.cu_q is None:
+        return kernel.backward(*args, **kw)
+    return kernel.backward_varlen(*args, call.cu_q, call.cu_k, **kw)
+
+
+def ring_forward(spec: RingSpec, q, k, v):
+    """(out in q's dtype, lse in row layout, the plan) of exact attention over the whole ring."""
+    plan = StepPlan(spec, q.shape[spec.seq_dim], q.device)
+    ring = RingExchange(spec.mesh) if spec.mesh.ring_size > 1 else None
+    acc = OutputAccumulator(q, spec.seq_dim)
+    kv = [k, v]
+    for step, calls in enumerate(plan.steps):
+        pending = ring.start(kv) if step + 1 < len(plan.steps) else None
+        for call in calls:
+            acc.add(call.q_sel, *_kernel_forward(spec, call, q, *kv))
+        if pending is not None:
+            kv = pending.wait()
+    return acc.out.to(q.dtype), acc.lse, plan
+
+
+def ring_backward(spec: RingSpec, plan: StepPlan, dout, q, k, v, out, lse):
+    """dq, dk, dv; dK/dV accumulators travel the ring with their K/V block and end at its owner."""
+    d = spec.seq_dim
+    acc_dtype = lse_dtype(q.dtype)
+    lse_k = lse.transpose(-1, -2).contiguous()  # kernel layout: (b, h, s) or (h, t)
+    ring = RingExchange(spec.mesh) if spec.mesh.ring_size > 1 else None
+    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    kv, dkv_pending = [k, v], None
+    for step, calls in enumerate(plan.steps):
+        kv_pending = ring.start(kv) if step + 1 < len(plan.steps) else None
+        dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
+        for call in calls:
+            gq, gk, gv = _kernel_backward(spec, call, dout, q, *kv, out, lse_k)
+            add_at(dq, call.q_sel, d, gq)
+            add_at(dk, call.k_sel, d, gk)
+            add_at(dv, call.k_sel, d, gv)
+        if dkv_pending is not None:  # what the previous rank accumulated for this same K/V block
+            dk_prev, dv_prev = dkv_pending.wait()
+            dk += dk_prev
+            dv += dv_prev
+        if ring is not None:  # after the last step this send delivers each block's dK/dV to its owner
+            dkv_pending = ring.start([dk, dv])
+        if kv_pending is not None:
+            kv = kv_pending.wait()
+    if dkv_pending is not None:
+        dk, dv = dkv_pending.wait()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: RingSpec):
+        out, lse, plan = ring_forward(spec, q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.spec, ctx.plan = spec, plan
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*ring_backward(ctx.spec, ctx.plan, dout.contiguous(), q, k, v, out, lse), None)
+
+
+def ring_attention(q, k, v, spec: RingSpec):
+    """Differentiable ring attention on this rank's (b, s, h, d) or varlen (t, h, d) tensors.
+    Returns (out, lse) with lse in row layout (q.shape[:-1]), not differentiable."""
+    return _RingAttention.apply(q, k, v, spec)

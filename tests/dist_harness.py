@@ -1,0 +1,101 @@
+"""A world of gloo processes that stays up across tests and runs one job at a time on every rank.
+
+Starting processes and importing torch costs seconds, so each world size is started once per
+test session and many cases run in it. Every job has a timeout: a hang kills the world and fails
+the test (the next job starts a fresh world), it is never retried.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, conn) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    while True:
+        job = conn.recv()
+        if job is None:
+            break
+        fn, args, kwargs = job
+        try:
+            conn.send(("ok", fn(*args, **kwargs)))
+        except BaseException:  # report everything, including assertion failures, to the parent
+            conn.send(("error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class WorkerError(AssertionError):
+    pass
+
+
+class World:
+    def __init__(self, size: int):
+        self.size = size
+        self.procs, self.conns = [], []
+
+    def start(self) -> None:
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        for rank in range(self.size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(rank, self.size, port, child), daemon=True)
+            proc.start()
+            self.procs.append(proc)
+            self.conns.append(parent)
+
+    @property
+    def alive(self) -> bool:
+        return bool(self.procs) and all(p.is_alive() for p in self.procs)
+
+    def run(self, fn, *args, timeout: float = 120.0, **kwargs) -> list:
+        """Run fn(*args, **kwargs) on every rank; returns the per-rank results."""
+        if not self.alive:
+            self.stop()
+            self.start()
+        for conn in self.conns:
+            conn.send((fn, args, kwargs))
+        results, errors = [], []
+        for rank, conn in enumerate(self.conns):
+            if not conn.poll(timeout):
+                self.stop()
+                raise TimeoutError(f"rank {rank} of {self.size} did not finish {fn.__name__} in {timeout}s "
+                                   f"(a hang); the world was stopped")
+            try:
+                status, value = conn.recv()
+            except (EOFError, OSError) as exc:
+                self.stop()
+                raise WorkerError(f"rank {rank} of {self.size} died during {fn.__name__}: {exc!r}") from exc
+            if status == "error":
+                errors.append(f"--- rank {rank} ---\n{value}")
+            results.append(value)
+        if errors:
+            raise WorkerError(f"{fn.__name__} failed:\n" + "\n".join(errors))
+        return results
+
+    def stop(self) -> None:
+        for conn, proc in zip(self.conns, self.procs):
+            try:
+                if proc.is_alive():
+                    conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        self.procs, self.conns = [], []
