@@ -1,0 +1,84 @@
+"""Hugging Face transformers models: our attention through their attention-function registry.
+
+``swap_hf_attention`` registers one function under the name ``"lightning_sp"``, gives every
+attention layer a ``sp_attention`` submodule (a :class:`LongContextAttention`, which the strategy
+binds like any other) and switches the model's ``attn_implementation`` to it. The registered
+function receives q, k, v as ``(batch, heads, seq, head_dim)``, already rotated by the model with
+the ``position_ids`` it was given, which must therefore be the global ones. Packed documents come
+in through the ``cu_seq_lens_q`` / ``max_length_q`` keyword arguments the models forward to attention.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..mesh import SPConfigError
+
+HF_ATTENTION_NAME = "lightning_sp"
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+               is_causal=None, **kwargs):
+    attn = getattr(module, "sp_attention", None)
+    if attn is None:
+        raise SPConfigError(f"{type(module).__name__} has no sp_attention; call lightning_sp.swap_attention(model) "
+                            f"instead of setting attn_implementation={HF_ATTENTION_NAME!r} by hand")
+    if dropout:
+        raise SPConfigError(f"attention dropout {dropout} is not supported by sequence-parallel attention; "
+                            f"set the model config's attention_dropout=0.0")
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise SPConfigError("a padding attention_mask is not supported with sequence parallelism; pack the "
+                            "documents instead (pass cu_seqlens) or pad labels with ignore_index and drop the mask")
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    window = (-1, -1) if sliding_window is None else (int(sliding_window) - 1, -1 if causal else int(sliding_window) - 1)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (b, s, h, d)
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        if q.shape[0] != 1:
+            raise SPConfigError(f"packed documents need one packed row, got batch {q.shape[0]}")
+        out = attn(q[0], k[0], v[0], causal=causal, softmax_scale=scaling, window_size=window, cu_seqlens=cu,
+                   max_seqlen=kwargs.get("max_length_q"))[None]
+    else:
+        out = attn(q, k, v, causal=causal, softmax_scale=scaling, window_size=window)
+    return out, None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    AttentionInterface.register(HF_ATTENTION_NAME, _attention)
+
+
+def swap_hf_attention(model, make):
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise SPConfigError(f"cannot swap {type(model).__name__}: encoder-decoder models have cross-attention, "
+                            f"which sequence parallelism over one sequence does not cover")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise SPConfigError(f"cannot swap {type(model).__name__}: it does not dispatch attention through the "
+                            f"transformers attention-function registry (_supports_attention_backend is False)")
+    layers = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    if not layers:
+        raise SPConfigError(f"cannot swap {type(model).__name__}: found no attention layers (modules named "
+                            f"*Attention with a layer_idx)")
+    _register()
+    for layer in layers:
+        layer.sp_attention = make()
+    model.set_attn_implementation(HF_ATTENTION_NAME)
+    return model
+
+
+def is_hf_model(model) -> bool:
+    return any(cls.__module__.startswith("transformers.") and cls.__name__ == "PreTrainedModel"
+               for cls in type(model).__mro__)
+
+
+def causal_lm_loss(model, batch, global_count, ignore_index=-100):
+    """A Hugging Face causal LM's own loss on this rank's tokens, with labels already shifted and the
+    global number of counted tokens, so that it returns (sum of this rank's token losses) / global count."""
+    kwargs = {}
+    if batch.get("cu_seqlens") is not None:
+        kwargs = dict(cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
+                      max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
+    labels = batch["labels"]
+    out = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), labels=labels,
+                shift_labels=labels, num_items_in_batch=torch.as_tensor(global_count), use_cache=False, **kwargs)
+    return out.loss

@@ -1,0 +1,236 @@
+"""A Llama-style decoder whose core attention is pluggable.
+
+RMSNorm, rotary embeddings computed from the *global* ``position_ids`` the caller passes (so a
+rank holding a zigzag shard of the sequence rotates every token by its true position), SwiGLU,
+grouped-query attention. Every attention layer calls ``self.core(q, k, v, causal=..., cu_seqlens=...,
+max_seqlen=...)`` with q, k, v as ``(batch, seq, heads, head_dim)`` (or ``(tokens, heads, head_dim)``
+for packed documents): :class:`LocalAttention` by default, a ``LongContextAttention`` after
+:func:`lightning_sp.models.swap_attention`. The loss is a chunked cross entropy that never holds the
+logits of more than ``loss_chunk_size`` tokens at once, in the forward or the backward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..mesh import SPConfigError
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 264
+    hidden_size: int = 64
+    intermediate_size: int = 176
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None  # hidden_size // num_heads when None
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SPConfigError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise SPConfigError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} "
+                                f"(grouped-query attention shares each KV head among a whole group of query heads)")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise SPConfigError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                                    f"set head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.head_dim % 2:
+            raise SPConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    def num_params(self) -> int:
+        d, h, kv, hd, ff, V = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
+                               self.intermediate_size, self.vocab_size)
+        layer = d * hd * (h + 2 * kv) + h * hd * d + 3 * d * ff + 2 * d
+        return V * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
+
+    def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
+        """Training FLOPs per token (forward + backward): 6 N for the matmuls with the weights (the
+        embedding lookup excluded) plus the attention scores, halved when causal."""
+        n = self.num_params() - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)
+        attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+        return 6 * n + (attn / 2 if causal else attn)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate ``x`` (..., seq, heads, head_dim) by the angles of its global positions (..., seq)."""
+    hd = x.shape[-1]
+    wide = torch.promote_types(x.dtype, torch.float32)
+    inv_freq = theta ** (-torch.arange(0, hd, 2, device=x.device, dtype=wide) / hd)
+    angles = position_ids.to(wide)[..., None] * inv_freq  # (..., seq, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)[..., None, :]  # broadcast over heads
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.to(wide).chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.to(wide) * cos + rotated * sin).to(x.dtype)
+
+
+class LocalAttention(nn.Module):
+    """Attention over the tokens this process holds (torch SDPA): the single-process core."""
+
+    def forward(self, q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), cu_seqlens=None,
+                max_seqlen=None):
+        if tuple(window_size) != (-1, -1):
+            raise SPConfigError(f"LocalAttention has no sliding window (got window_size={window_size}); "
+                                f"use LongContextAttention for windowed attention")
+        if cu_seqlens is None:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=causal, scale=softmax_scale, enable_gqa=True)
+            return out.transpose(1, 2)
+        bounds = [int(b) for b in torch.as_tensor(cu_seqlens).tolist()]
+        if bounds[-1] != q.shape[0]:
+            raise SPConfigError(f"cu_seqlens ends at {bounds[-1]} but q holds {q.shape[0]} tokens; pass the "
+                                f"cu_seqlens of this process's tokens")
+        outs = [self.forward(q[None, a:b], k[None, a:b], v[None, a:b], causal, softmax_scale)[0]
+                for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        return torch.cat(outs) if outs else q.new_empty(q.shape)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta = (c.num_heads, c.num_kv_heads,
+                                                                             c.head_dim, c.rope_theta)
+        self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.core = LocalAttention()
+
+    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None):
+        shape = x.shape[:-1]
+        q = rope(self.q_proj(x).view(*shape, self.num_heads, self.head_dim), position_ids, self.rope_theta)
+        k = rope(self.k_proj(x).view(*shape, self.num_kv_heads, self.head_dim), position_ids, self.rope_theta)
+        v = self.v_proj(x).view(*shape, self.num_kv_heads, self.head_dim)
+        if cu_seqlens is not None:  # packed documents: (1, tokens, ...) -> (tokens, ...)
+            q, k, v = q[0], k[0], v[0]
+        out = self.core(q, k, v, causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        return self.o_proj(out.reshape(*shape, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None):
+        x = x + self.attn(self.attn_norm(x), position_ids, cu_seqlens, max_seqlen)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    """The decoder and its LM head.
+
+    ``forward(input_ids, position_ids, cu_seqlens, max_seqlen)`` returns the final hidden states;
+    :meth:`logits` and :meth:`loss_sum` turn them into logits or a (chunked) summed cross entropy.
+    ``input_ids`` is ``(batch, seq)``; with ``cu_seqlens`` the batch is one packed row ``(1, tokens)``.
+    ``position_ids`` default to ``0..seq-1``: pass the global positions of a shard.
+    """
+
+    def __init__(self, config: LlamaConfig | None = None, activation_checkpointing: bool = False,
+                 loss_chunk_size: int = 4096):
+        super().__init__()
+        self.config = config = config or LlamaConfig()
+        if not isinstance(loss_chunk_size, int) or loss_chunk_size < 1:
+            raise SPConfigError(f"loss_chunk_size must be a positive int, got {loss_chunk_size!r}")
+        self.activation_checkpointing = activation_checkpointing
+        self.loss_chunk_size = loss_chunk_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, max_seqlen=None):
+        if input_ids.dim() != 2:
+            raise SPConfigError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        if cu_seqlens is not None and input_ids.shape[0] != 1:
+            raise SPConfigError(f"packed documents (cu_seqlens given) need one packed row, got batch "
+                                f"{input_ids.shape[0]}; concatenate the documents into input_ids of shape (1, tokens)")
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+        position_ids = position_ids.to(input_ids.device).expand(input_ids.shape)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, position_ids, cu_seqlens, max_seqlen, use_reentrant=False)
+            else:
+                x = layer(x, position_ids, cu_seqlens, max_seqlen)
+        return self.norm(x)
+
+    def logits(self, hidden):
+        return self.lm_head(hidden)
+
+    def loss_sum(self, hidden, labels, ignore_index: int = -100):
+        """(sum of token cross entropies, number of counted tokens) for labels already aligned with
+        ``hidden`` (shifted), in chunks of ``loss_chunk_size`` tokens whose logits are recomputed in
+        the backward pass instead of stored."""
+        if labels.shape != hidden.shape[:-1]:
+            raise SPConfigError(f"labels shape {tuple(labels.shape)} does not match the tokens {tuple(hidden.shape[:-1])}")
+        h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+        total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
+        for start in range(0, h.shape[0], self.loss_chunk_size):
+            part = (h[start:start + self.loss_chunk_size], y[start:start + self.loss_chunk_size])
+            if torch.is_grad_enabled() and h.shape[0] > self.loss_chunk_size:
+                total = total + checkpoint(self._chunk_loss, *part, ignore_index, use_reentrant=False)
+            else:
+                total = total + self._chunk_loss(*part, ignore_index)
+        return total, (y != ignore_index).sum()
+
+    def _chunk_loss(self, h, y, ignore_index):
+        logits = self.lm_head(h)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
