@@ -71,14 +71,22 @@ def is_hf_model(model) -> bool:
                for cls in type(model).__mro__)
 
 
+def _inputs(batch) -> dict:
+    """Model inputs of a (sharded) batch; packed documents go in as the varlen keyword arguments."""
+    kwargs = dict(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False)
+    if batch.get("cu_seqlens") is not None:
+        kwargs.update(cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
+                      max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
+    return kwargs
+
+
+def causal_lm_logits(model, batch):
+    return model(**_inputs(batch)).logits
+
+
 def causal_lm_loss(model, batch, global_count, ignore_index=-100):
     """A Hugging Face causal LM's own loss on this rank's tokens, with labels already shifted and the
     global number of counted tokens, so that it returns (sum of this rank's token losses) / global count."""
-    kwargs = {}
-    if batch.get("cu_seqlens") is not None:
-        kwargs = dict(cu_seq_lens_q=batch["cu_seqlens"], cu_seq_lens_k=batch["cu_seqlens"],
-                      max_length_q=batch["max_seqlen"], max_length_k=batch["max_seqlen"])
     labels = batch["labels"]
-    out = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), labels=labels,
-                shift_labels=labels, num_items_in_batch=torch.as_tensor(global_count), use_cache=False, **kwargs)
-    return out.loss
+    return model(**_inputs(batch), labels=labels, shift_labels=labels,
+                 num_items_in_batch=torch.as_tensor(global_count), ignore_index=ignore_index).loss

@@ -1,0 +1,200 @@
+"""A LightningModule for causal-LM training and sequence-parallel prefill.
+
+It trains :class:`lightning_sp.models.LlamaForCausalLM` or a Hugging Face causal LM with the exact
+token-mean loss, whatever the sharding and padding, and logs the loss, tokens/s and MFU. Batches
+are the dicts of :mod:`lightning_sp.data`: ``input_ids``, ``labels`` aligned with the inputs and, for
+packed documents, global ``cu_seqlens``. Under ``UlyssesRingStrategy`` the strategy has already
+shifted the labels, sharded the sequence and set global ``position_ids`` (and local ``cu_seqlens``);
+under any other strategy this module does the same for the whole sequence.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import layout
+from .attention import LongContextAttention
+from .mesh import SPConfigError, single_process_mesh
+from .models import swap_attention
+from .models.hf import causal_lm_logits, causal_lm_loss, is_hf_model
+
+# dense bf16 peak of one device, for MFU when peak_tflops is not given
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class CausalLM(L.LightningModule):
+    """Causal-LM training with the exact loss.
+
+    ``model`` is a module or a zero-argument callable that builds one (a Hydra ``_partial_``), called
+    in ``configure_model`` so that large models can be created under the strategy's init context.
+    When the strategy shards the sequence (``UlyssesRingStrategy``) the model's attention is swapped
+    for :class:`LongContextAttention` there; otherwise it keeps its own attention.
+    """
+
+    def __init__(self, model: nn.Module | Callable[[], nn.Module], lr: float = 1e-3, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 0, min_lr_ratio: float = 0.1,
+                 ignore_index: int = -100, peak_tflops: float | None = None):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        if isinstance(model, nn.Module):
+            self.model = model
+        elif callable(model):
+            self.model_factory = model
+        else:
+            raise SPConfigError(f"model must be an nn.Module or a callable building one, got {type(model).__name__}")
+        self._step_start = None
+
+    # -- model ---------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if not hasattr(self, "model"):
+            self.model = self.model_factory()
+        if self._sequence_parallel() and not any(isinstance(m, LongContextAttention) for m in self.model.modules()):
+            swap_attention(self.model)  # the strategy binds the mesh, layout and backend
+
+    def _sequence_parallel(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and hasattr(trainer.strategy, "shard_keys")
+
+    def sp_mesh(self):
+        """The mesh of the model's sequence-parallel attention (single-process when there is none)."""
+        for m in self.model.modules():
+            if isinstance(m, LongContextAttention) and m.mesh is not None:
+                return m.mesh
+        return single_process_mesh()
+
+    # -- batches -------------------------------------------------------------------------------
+    def prepare_batch(self, batch: dict) -> dict:
+        """Shift labels and set position_ids (and packed cu_seqlens) for a batch no strategy sharded."""
+        if self._sequence_parallel():
+            return batch
+        batch = dict(batch)
+        if "labels" in batch:
+            labels = batch["labels"]
+            batch["labels"] = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), self.hparams.ignore_index)], 1)
+        if batch.get("cu_seqlens") is not None:
+            packed = layout.shard_documents(batch["cu_seqlens"], None, "contiguous")
+            batch.update(position_ids=packed.position_ids[None].to(self.device),
+                         cu_seqlens=packed.cu_seqlens.to(self.device), max_seqlen=packed.max_seqlen)
+        elif batch.get("position_ids") is None:
+            batch["position_ids"] = torch.arange(batch["input_ids"].shape[1], device=self.device)[None]
+        return batch
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Final hidden states (our decoder) or logits (a Hugging Face model) of this rank's tokens."""
+        if is_hf_model(self.model):
+            return causal_lm_logits(self.model, batch)
+        return self.model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"),
+                          batch.get("max_seqlen"))
+
+    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss to backpropagate, global number of counted tokens).
+
+        The loss is this rank's token-loss sum x world size / global token count: averaged over the
+        ranks (as DDP averages gradients) it is the exact token mean of the whole global batch.
+        """
+        labels = batch["labels"]
+        count = (labels != self.hparams.ignore_index).sum()
+        world = _world()
+        if world > 1:
+            dist.all_reduce(count)
+        if count == 0:
+            raise SPConfigError("the global batch has no token to learn (every label is ignore_index)")
+        if is_hf_model(self.model):
+            return causal_lm_loss(self.model, batch, count, self.hparams.ignore_index) * world, count
+        total, _ = self.model.loss_sum(self(batch), labels, self.hparams.ignore_index)
+        return total * world / count, count
+
+    # -- training ------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        batch = self.prepare_batch(batch)
+        loss, count = self.loss(batch)
+        self._tokens = batch["input_ids"].numel() * _world()
+        self._seq_len = batch["input_ids"].shape[-1] * self.sp_mesh().sp_size
+        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=int(count))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._step_start is None:
+            return
+        seconds = time.perf_counter() - self._step_start
+        tokens_per_s = self._tokens / seconds
+        self.log("train/tokens_per_s", tokens_per_s, prog_bar=True, rank_zero_only=True)
+        peak = self.hparams.peak_tflops or _device_peak_tflops(self.device)
+        flops = _flops_per_token(self.model, self._seq_len)
+        if peak and flops:
+            self.log("train/mfu", tokens_per_s * flops / (peak * 1e12 * _world()), prog_bar=True, rank_zero_only=True)
+
+    def validation_step(self, batch, batch_idx):
+        loss, count = self.loss(self.prepare_batch(batch))
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=int(count))
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        other = [p for p in self.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": other, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
+
+        def schedule(step):
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if not total:
+                return 1.0
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- inference -----------------------------------------------------------------------------
+    def predict_step(self, batch, batch_idx=0):
+        """Next-token logits after each prompt, (batch, vocab), identical on every rank.
+
+        ``batch["prompt_length"]`` (an int) is the unpadded prompt length; it defaults to the length
+        of ``input_ids`` when the batch was not sharded.
+        """
+        length = int(batch.get("prompt_length", batch["input_ids"].shape[-1]))
+        batch = self.prepare_batch(batch)
+        with torch.no_grad():
+            out = self(batch)
+        pos = batch["position_ids"].expand(batch["input_ids"].shape)
+        mine = pos[0] == length - 1  # the last prompt token, held by exactly one rank of the group
+        if is_hf_model(self.model):
+            logits = out[:, mine].sum(1)
+        else:
+            logits = self.model.logits(out[:, mine]).sum(1)
+        mesh = self.sp_mesh()
+        if mesh.sp_size > 1:
+            dist.all_reduce(logits, group=mesh.sp_group)
+        return logits
+
+
+def _flops_per_token(model, seq_len: int) -> float | None:
+    config = getattr(model, "config", None)
+    if hasattr(config, "flops_per_token"):
+        return config.flops_per_token(seq_len)
+    if config is not None and hasattr(config, "num_hidden_layers"):  # a Hugging Face config
+        n = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.hidden_size
+        return 6 * n + 6 * config.num_hidden_layers * config.hidden_size * seq_len
+    return None
+
+
+def _device_peak_tflops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
