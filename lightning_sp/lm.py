@@ -20,9 +20,11 @@ from torch import nn
 
 from . import layout
 from .attention import LongContextAttention
-from .mesh import SPConfigError, single_process_mesh
+from .loss import TokenLoss, exact_token_loss
+from .mesh import SPConfigError, SPMesh, single_process_mesh
 from .models import swap_attention
-from .models.hf import causal_lm_logits, causal_lm_loss, is_hf_model
+from .models.hf import causal_lm_logits, causal_lm_loss_sum, is_hf_model
+from .strategy import UlyssesRingStrategy
 
 # dense bf16 peak of one device, for MFU when peak_tflops is not given
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
@@ -62,15 +64,11 @@ class CausalLM(L.LightningModule):
             swap_attention(self.model)  # the strategy binds the mesh, layout and backend
 
     def _sequence_parallel(self) -> bool:
-        trainer = self._trainer
-        return trainer is not None and hasattr(trainer.strategy, "shard_keys")
+        """Whether the strategy shards batches along the sequence (and so shifts labels, sets positions)."""
+        return self._trainer is not None and isinstance(self.trainer.strategy, UlyssesRingStrategy)
 
-    def sp_mesh(self):
-        """The mesh of the model's sequence-parallel attention (single-process when there is none)."""
-        for m in self.model.modules():
-            if isinstance(m, LongContextAttention) and m.mesh is not None:
-                return m.mesh
-        return single_process_mesh()
+    def sp_mesh(self) -> SPMesh:
+        return self.trainer.strategy.sp_mesh if self._sequence_parallel() else single_process_mesh()
 
     # -- batches -------------------------------------------------------------------------------
     def prepare_batch(self, batch: dict) -> dict:
@@ -96,23 +94,14 @@ class CausalLM(L.LightningModule):
         return self.model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"),
                           batch.get("max_seqlen"))
 
-    def loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss to backpropagate, global number of counted tokens).
-
-        The loss is this rank's token-loss sum x world size / global token count: averaged over the
-        ranks (as DDP averages gradients) it is the exact token mean of the whole global batch.
-        """
+    def loss(self, batch: dict) -> TokenLoss:
+        """The exact token-mean loss of the global batch (see :mod:`lightning_sp.loss`)."""
         labels = batch["labels"]
-        count = (labels != self.hparams.ignore_index).sum()
-        world = _world()
-        if world > 1:
-            dist.all_reduce(count)
-        if count == 0:
-            raise SPConfigError("the global batch has no token to learn (every label is ignore_index)")
         if is_hf_model(self.model):
-            return causal_lm_loss(self.model, batch, count, self.hparams.ignore_index) * world, count
-        total, _ = self.model.loss_sum(self(batch), labels, self.hparams.ignore_index)
-        return total * world / count, count
+            total = causal_lm_loss_sum(self.model, batch, self.hparams.ignore_index)
+        else:
+            total, _ = self.model.loss_sum(self(batch), labels, self.hparams.ignore_index)
+        return exact_token_loss(total, (labels != self.hparams.ignore_index).sum())
 
     # -- training ------------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
@@ -120,11 +109,11 @@ class CausalLM(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         batch = self.prepare_batch(batch)
-        loss, count = self.loss(batch)
+        out = self.loss(batch)
         self._tokens = batch["input_ids"].numel() * _world()
         self._seq_len = batch["input_ids"].shape[-1] * self.sp_mesh().sp_size
-        self.log("train/loss", loss.detach(), prog_bar=True, sync_dist=True, batch_size=int(count))
-        return loss
+        self.log("train/loss", out.mean, prog_bar=True, batch_size=int(out.num_tokens))
+        return out.loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         if self._step_start is None:
@@ -138,8 +127,8 @@ class CausalLM(L.LightningModule):
             self.log("train/mfu", tokens_per_s * flops / (peak * 1e12 * _world()), prog_bar=True, rank_zero_only=True)
 
     def validation_step(self, batch, batch_idx):
-        loss, count = self.loss(self.prepare_batch(batch))
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=int(count))
+        out = self.loss(self.prepare_batch(batch))
+        self.log("val/loss", out.mean, prog_bar=True, batch_size=int(out.num_tokens))
 
     def configure_optimizers(self):
         hp = self.hparams

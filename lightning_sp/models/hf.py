@@ -84,9 +84,10 @@ def causal_lm_logits(model, batch):
     return model(**_inputs(batch)).logits
 
 
-def causal_lm_loss(model, batch, global_count, ignore_index=-100):
-    """A Hugging Face causal LM's own loss on this rank's tokens, with labels already shifted and the
-    global number of counted tokens, so that it returns (sum of this rank's token losses) / global count."""
+def causal_lm_loss_sum(model, batch, ignore_index=-100):
+    """The sum of this rank's token losses, by the model's own loss function: labels already shifted
+    (``shift_labels``), ``num_items_in_batch=1`` so that it sums; :mod:`lightning_sp.loss` divides by
+    the global valid-token count."""
     labels = batch["labels"]
-    return model(**_inputs(batch), labels=labels, shift_labels=labels,
-                 num_items_in_batch=torch.as_tensor(global_count), ignore_index=ignore_index).loss
+    return model(**_inputs(batch), labels=labels, shift_labels=labels, ignore_index=ignore_index,
+                 num_items_in_batch=torch.ones((), device=labels.device)).loss
