@@ -179,12 +179,14 @@ def _packed_slots(padded_cu: torch.Tensor, mesh: SPMesh, layout: str):
     return slots, pos, torch.tensor([0] + local_lens).cumsum(0).to(torch.int32)
 
 
-def shard_documents(cu_seqlens, mesh: SPMesh | None, layout: str) -> PackedShard:
+def shard_documents(cu_seqlens, mesh: SPMesh | None, layout: str, causal: bool = True) -> PackedShard:
     """Lay out packed documents (global ``cu_seqlens`` of the unpadded packed sequence) over the mesh.
 
     Every document is padded at its end to the layout's multiple and split on its own; a final
     padding document makes the ring rank's share divisible by the ulysses degree. Returns the
-    indices and the local ``cu_seqlens`` (see :class:`PackedShard`).
+    indices and the local ``cu_seqlens`` (see :class:`PackedShard`). Padding at a document's end
+    is invisible to its real tokens only under causal attention (or a window with right bound 0);
+    for attention that looks ahead, pass ``causal=False`` and document lengths must need no padding.
     """
     mesh = mesh or single_process_mesh()
     layout = canonical_layout(layout)
@@ -195,6 +197,12 @@ def shard_documents(cu_seqlens, mesh: SPMesh | None, layout: str) -> PackedShard
     lengths = lengths[lengths > 0]
     m = ring_multiple(layout, mesh.ring_size)
     padded = (lengths + m - 1) // m * m
+    if not causal and bool((padded != lengths).any()):
+        bad = lengths[padded != lengths].tolist()
+        raise SPConfigError(
+            f"documents of lengths {bad} need padding to a multiple of {m} for the {layout} layout, and "
+            f"padding is visible to attention that is not causal; make every document length a multiple "
+            f"of {m} (or use causal attention)")
     extra = (-int(padded.sum())) % math.lcm(m, mesh.ring_size * mesh.ulysses_size)
     if extra:  # a padding document, so the ring rank's share splits evenly over the ulysses ranks
         padded = torch.cat([padded, torch.tensor([extra])])

@@ -88,3 +88,67 @@ def dense_case(ulysses, ring, layout, causal, heads, kv_heads, dtype=torch.float
     tol = TOL[dtype]
     assert all(e < tol for e in errs.values()), f"errors {errs} above {tol}"
     return errs
+
+
+def varlen_case(ulysses, ring, layout, causal, heads, kv_heads, doc_lengths, dtype=torch.float64,
+                window=(-1, -1), head_dim=8, seed=0, api="module"):
+    """Packed documents of uneven lengths: no attention across documents, padding per document."""
+    mesh = lightning_sp.init_sp_mesh(ulysses_degree=ulysses, ring_degree=ring)
+    T = sum(doc_lengths)
+    cu = torch.tensor([0, *doc_lengths]).cumsum(0)
+    q, k, v, dout = (t[0] for t in _inputs(1, T, heads, kv_heads, head_dim, seed))
+    doc_ids = torch.repeat_interleave(torch.arange(len(doc_lengths)), torch.tensor(doc_lengths))
+    positions = torch.arange(T) - cu[doc_ids]
+    scale = head_dim ** -0.5
+    ref = _grads_reference(q[None], k[None], v[None], dout[None], causal=causal, scale=scale, window=window,
+                           doc_ids=doc_ids, positions=positions)
+    ref = [r[0] for r in ref]
+
+    packed = L.shard_documents(cu, mesh, layout, causal=causal or window[1] == 0)
+    local = [packed.shard(t).to(dtype) for t in (q, k, v, dout)]
+    real = packed.token_index >= 0
+    assert torch.equal(packed.position_ids[real], positions[packed.token_index[real]])
+    assert local[0].shape[0] * mesh.sp_size == int(packed.padded_cu_seqlens[-1]), "each rank holds its share only"
+    ql, kl, vl = [t.clone().requires_grad_() for t in local[:3]]
+    if api == "module":
+        out = lightning_sp.LongContextAttention(mesh, ring_impl=layout)(
+            ql, kl, vl, causal=causal, window_size=window, cu_seqlens=packed.cu_seqlens,
+            max_seqlen=packed.max_seqlen)
+    else:
+        out = getattr(lightning_sp, api)(ql, kl, vl, packed.cu_seqlens, packed.max_seqlen, causal=causal,
+                                         window_size=window)
+    out.backward(local[3])
+    errs = {}
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad), ref):
+        errs[name] = rel_err(got[real], want[packed.token_index[real]])
+        assert torch.all(got[~real] == 0) or name == "out", f"{name} of padding must be zero"
+    errs["unshard"] = rel_err(packed.unshard(out.detach(), mesh), ref[0])
+    tol = TOL[dtype]
+    assert all(e < tol for e in errs.values()), f"errors {errs} above {tol}"
+    return errs
+
+
+def error_message(case: str) -> str:
+    """Run a bad-input case on every rank; returns the message of the error it must raise."""
+    import pytest
+
+    with pytest.raises((lightning_sp.SPConfigError, lightning_sp.KernelError)) as info:
+        if case == "degrees":
+            lightning_sp.init_sp_mesh(ulysses_degree=3, ring_degree=1)
+        mesh = lightning_sp.init_sp_mesh(ulysses_degree=2, ring_degree=2)
+        x = torch.randn(1, 8, 6, 4)
+        if case == "heads":
+            y = torch.randn(1, 8, 5, 4)
+            lightning_sp.LongContextAttention(mesh)(y, y, y)
+        if case == "unbound":
+            lightning_sp.LongContextAttention()(x, x, x)
+        if case == "odd_zigzag":
+            y = torch.randn(1, 3, 4, 4)
+            ring4 = lightning_sp.init_sp_mesh(ulysses_degree=1, ring_degree=4)
+            lightning_sp.LongContextAttention(ring4, ring_impl="zigzag")(y, y, y)
+        if case == "cu_seqlens":
+            y = torch.randn(8, 4, 4)
+            lightning_sp.LongContextAttention(mesh)(y, y, y, cu_seqlens=torch.tensor([0, 4, 8]), max_seqlen=4)
+        if case == "ulysses_on_ring":
+            lightning_sp.UlyssesAttention(mesh)(x, x, x)
+    return str(info.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import socket
+import time
 import traceback
 
 
@@ -68,20 +69,31 @@ class World:
             self.start()
         for conn in self.conns:
             conn.send((fn, args, kwargs))
-        results, errors = [], []
-        for rank, conn in enumerate(self.conns):
-            if not conn.poll(timeout):
+        results, errors = [None] * self.size, []
+        pending = set(range(self.size))
+        deadline = time.monotonic() + timeout
+        while pending:
+            if time.monotonic() > deadline or (errors and time.monotonic() > error_deadline):
                 self.stop()
-                raise TimeoutError(f"rank {rank} of {self.size} did not finish {fn.__name__} in {timeout}s "
-                                   f"(a hang); the world was stopped")
-            try:
-                status, value = conn.recv()
-            except (EOFError, OSError) as exc:
-                self.stop()
-                raise WorkerError(f"rank {rank} of {self.size} died during {fn.__name__}: {exc!r}") from exc
-            if status == "error":
-                errors.append(f"--- rank {rank} ---\n{value}")
-            results.append(value)
+                if errors:  # the other ranks are stuck in a collective the failed rank never joined
+                    break
+                raise TimeoutError(f"ranks {sorted(pending)} of {self.size} did not finish {fn.__name__} "
+                                   f"in {timeout}s (a hang); the world was stopped")
+            for rank in list(pending):
+                conn = self.conns[rank]
+                if not conn.poll(0.01):
+                    continue
+                try:
+                    status, value = conn.recv()
+                except (EOFError, OSError) as exc:
+                    self.stop()
+                    raise WorkerError(f"rank {rank} of {self.size} died during {fn.__name__}: {exc!r}") from exc
+                pending.discard(rank)
+                results[rank] = value
+                if status == "error":
+                    if not errors:
+                        error_deadline = time.monotonic() + 10.0
+                    errors.append(f"--- rank {rank} ---\n{value}")
         if errors:
             raise WorkerError(f"{fn.__name__} failed:\n" + "\n".join(errors))
         return results

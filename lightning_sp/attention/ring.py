@@ -63,16 +63,18 @@ class StepPlan:
             pairs = block_schedule(s.layout, q_rank, kv_rank, R, self.n_local, s.causal, s.window)
             return [BlockCall(_slice(p.q_start, p.q_stop, self.n_local), _slice(p.k_start, p.k_stop, self.n_local),
                               p.causal, p.window) for p in pairs]
-        # varlen: each document gets its own schedule; calls of the same mask kind are batched
+        # varlen: each document gets its own schedule; calls of the same mask kind are batched, but a
+        # query row appears at most once per call (its partial results are merged one at a time)
         groups: dict[tuple, list] = {}
         bounds = s.cu_seqlens
         for start, stop in zip(bounds[:-1], bounds[1:]):
-            if stop == start:
-                continue
+            seen: dict[tuple, int] = {}
             for p in block_schedule(s.layout, q_rank, kv_rank, R, stop - start, s.causal, s.window):
-                groups.setdefault((p.causal, p.window), []).append(
+                kind = (p.causal, p.window)
+                seen[kind] = seen.get(kind, -1) + 1
+                groups.setdefault((*kind, seen[kind]), []).append(
                     (start + p.q_start, start + p.q_stop, start + p.k_start, start + p.k_stop))
-        return [self._varlen_call(causal, window, ranges) for (causal, window), ranges in groups.items()]
+        return [self._varlen_call(causal, window, ranges) for (causal, window, _), ranges in groups.items()]
 
     def _varlen_call(self, causal, window, ranges) -> BlockCall:
         def selection(spans):

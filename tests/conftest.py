@@ -1,0 +1,19 @@
+import pytest
+
+from dist_harness import World
+
+
+@pytest.fixture(scope="session")
+def worlds():
+    """worlds(n): a gloo world of n processes, started once per session and shared by the tests."""
+    started: dict[int, World] = {}
+
+    def get(n: int) -> World:
+        if n not in started:
+            started[n] = World(n)
+            started[n].start()
+        return started[n]
+
+    yield get
+    for world in started.values():
+        world.stop()

@@ -1,0 +1,115 @@
+"""Distributed attention against a float64 single-process reference: every split, layout, mask,
+head grouping and API, in gloo worlds of 2, 4 and 8 processes (and one process)."""
+import itertools
+
+import pytest
+import torch
+
+import attention_cases as C
+
+LAYOUTS = ("contiguous", "zigzag", "stripe")
+HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
+SPLITS = {1: [(1, 1)], 2: [(1, 2), (2, 1)], 4: [(2, 2), (1, 4), (4, 1)], 8: [(2, 4), (4, 2)]}
+
+
+def _dense_params(world):
+    for (u, r), layout, causal, heads in itertools.product(SPLITS[world], LAYOUTS, (False, True), HEADS):
+        yield pytest.param(world, u, r, layout, causal, heads, id=f"w{world}-u{u}r{r}-{layout}-"
+                           f"{'causal' if causal else 'full'}-{heads}")
+
+
+def _run(worlds, world, fn, *args, **kwargs):
+    if world == 1:
+        return [fn(*args, **kwargs)]
+    return worlds(world).run(fn, *args, timeout=180, **kwargs)
+
+
+@pytest.mark.parametrize("world,u,r,layout,causal,heads", [p for w in (1, 2, 4) for p in _dense_params(w)])
+def test_dense_float64(worlds, world, u, r, layout, causal, heads):
+    errs = _run(worlds, world, C.dense_case, u, r, layout, causal, *HEADS[heads])
+    assert max(max(e.values()) for e in errs) < 1e-10
+
+
+@pytest.mark.parametrize("u,r,layout,causal,heads", [
+    (2, 4, "zigzag", True, "gqa"), (4, 2, "stripe", True, "mqa"), (2, 4, "contiguous", False, "mha"),
+    (4, 2, "zigzag", False, "gqa"), (2, 4, "stripe", True, "mha"), (4, 2, "contiguous", True, "mqa")])
+def test_dense_float64_world8(worlds, u, r, layout, causal, heads):
+    errs = _run(worlds, 8, C.dense_case, u, r, layout, causal, *HEADS[heads])
+    assert max(max(e.values()) for e in errs) < 1e-10
+
+
+@pytest.mark.parametrize("world,u,r,layout", [(2, 1, 2, "zigzag"), (4, 2, 2, "zigzag"), (4, 2, 2, "stripe"),
+                                              (4, 1, 4, "contiguous"), (8, 2, 4, "zigzag")])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dense_float32(worlds, world, u, r, layout, causal):
+    errs = _run(worlds, world, C.dense_case, u, r, layout, causal, 4, 2, dtype=torch.float32)
+    assert max(max(e.values()) for e in errs) < 1e-5
+
+
+WINDOWS = [(True, (5, -1)), (True, (1, -1)), (False, (3, 2)), (False, (-1, 4))]
+
+
+WINDOW_CASES = [(w, u, r, layout, c, win) for (w, u, r) in [(2, 1, 2), (4, 2, 2), (4, 1, 4)]
+                for layout in LAYOUTS for c, win in WINDOWS]
+WINDOW_CASES += [(8, 2, 4, "zigzag", c, win) for c, win in WINDOWS]
+
+
+@pytest.mark.parametrize("world,u,r,layout,causal,window", WINDOW_CASES)
+def test_sliding_window(worlds, world, u, r, layout, causal, window):
+    errs = _run(worlds, world, C.dense_case, u, r, layout, causal, 4, 2, window=window,
+                seq=3 * C.L.layout_multiple(layout, _mesh_shape(u, r)))
+    assert max(max(e.values()) for e in errs) < 1e-10
+
+
+def _mesh_shape(u, r):
+    from lightning_sp.mesh import single_process_mesh
+    from dataclasses import replace
+    return replace(single_process_mesh(), ring_size=r, ulysses_size=u)
+
+
+DOCS_CAUSAL = [13, 30, 7, 21]  # uneven: every layout pads them
+DOCS_EXACT = [8, 24, 16]       # multiples of every layout's multiple up to 8 ranks of a ring x 2
+
+
+MASKS = {"causal": (True, (-1, -1)), "full": (False, (-1, -1)), "causal-window": (True, (5, -1)),
+         "window": (False, (3, 2))}
+PACKED_CASES = [(w, u, r, layout, mask) for (w, u, r) in [(1, 1, 1), (2, 1, 2), (2, 2, 1), (4, 2, 2), (4, 1, 4),
+                                                          (4, 4, 1)]
+                for layout in LAYOUTS for mask in MASKS]
+PACKED_CASES += [(8, u, r, layout, mask) for (u, r) in [(2, 4), (4, 2)] for layout in ("zigzag", "stripe")
+                 for mask in ("causal", "full")]
+
+
+@pytest.mark.parametrize("world,u,r,layout,mask", PACKED_CASES)
+def test_packed_documents(worlds, world, u, r, layout, mask):
+    causal, window = MASKS[mask]
+    docs = DOCS_CAUSAL if causal else DOCS_EXACT
+    errs = _run(worlds, world, C.varlen_case, u, r, layout, causal, 4, 1 if u > 1 else 2, docs, window=window)
+    assert max(max(e.values()) for e in errs) < 1e-10
+
+
+SEED_FUNCS = ["ring_flash_attn_func", "zigzag_ring_flash_attn_func", "stripe_flash_attn_func"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("func", SEED_FUNCS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_seed_functions(worlds, world, func, causal):
+    layout = {"ring": "contiguous", "zigzag": "zigzag", "stripe": "stripe"}[func.split("_")[0]]
+    errs = _run(worlds, world, C.dense_case, 1, world, layout, causal, 4, 2, api=func)
+    assert max(max(e.values()) for e in errs) < 1e-10
+
+
+@pytest.mark.parametrize("func", ["ring_flash_attn_varlen_func", "zigzag_ring_flash_attn_varlen_func"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_seed_varlen_functions(worlds, func, causal):
+    layout = "zigzag" if func.startswith("zigzag") else "contiguous"
+    errs = _run(worlds, 4, C.varlen_case, 1, 4, layout, causal, 4, 2, DOCS_CAUSAL if causal else DOCS_EXACT,
+                api=func)
+    assert max(max(e.values()) for e in errs) < 1e-10
+
+
+@pytest.mark.parametrize("world,u,r", [(1, 1, 1), (4, 2, 2)])
+def test_qkv_packed_module(worlds, world, u, r):
+    errs = _run(worlds, world, C.dense_case, u, r, "zigzag", True, 4, 4, api="qkvpacked")
+    assert max(max(e.values()) for e in errs) < 1e-10
