@@ -25,9 +25,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if dropout:
         raise SPConfigError(f"attention dropout {dropout} is not supported by sequence-parallel attention; "
                             f"set the model config's attention_dropout=0.0")
-    if attention_mask is not None and not bool(attention_mask.bool().all()):
-        raise SPConfigError("a padding attention_mask is not supported with sequence parallelism; pack the "
-                            "documents instead (pass cu_seqlens) or pad labels with ignore_index and drop the mask")
+    _no_mask(attention_mask=attention_mask)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     window = (-1, -1) if sliding_window is None else (int(sliding_window) - 1, -1 if causal else int(sliding_window) - 1)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (b, s, h, d)
@@ -42,9 +40,19 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return out, None
 
 
+def _no_mask(*args, attention_mask=None, **kwargs):
+    """The mask builder registered with our attention: masking is the layout's and cu_seqlens' job."""
+    if attention_mask is not None and not bool(attention_mask.bool().all()):
+        raise SPConfigError("a padding attention_mask is not supported with sequence parallelism; pack the "
+                            "documents instead (pass cu_seqlens) or pad labels with ignore_index and drop the mask")
+    return None
+
+
 def _register() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
     AttentionInterface.register(HF_ATTENTION_NAME, _attention)
+    AttentionMaskInterface.register(HF_ATTENTION_NAME, _no_mask)
 
 
 def swap_hf_attention(model, make):

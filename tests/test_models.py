@@ -1,0 +1,207 @@
+"""The decoder and swap_attention: swapped models match the originals (float64), in one process and
+sequence-parallel over 4 gloo ranks (ulysses 2 x ring 2), outputs and gradients; errors say why."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_sp
+from lightning_sp import layout as L
+from lightning_sp.loss import exact_token_loss
+from lightning_sp.models import LlamaConfig, LlamaForCausalLM, LocalAttention, swap_attention
+from lightning_sp.models.hf import causal_lm_logits
+
+TOL = 1e-10
+VOCAB = 64
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def tiny(seed=0, **kw) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         num_kv_heads=2, init_std=0.2)
+    return LlamaForCausalLM(config, **kw).double()
+
+
+def hf_tiny(seed=0, kind="llama"):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    if kind == "qwen":
+        config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+        model = transformers.LlamaForCausalLM(config)
+    model.set_attn_implementation("sdpa")
+    return model.double()
+
+
+def logits_of(model, batch):
+    if isinstance(model, LlamaForCausalLM):
+        return model.logits(model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"),
+                                  batch.get("max_seqlen")))
+    return causal_lm_logits(model, batch)
+
+
+def shifted(labels):
+    return torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+
+
+def reference(model, batch):
+    """Logits and parameter gradients of the token-mean loss, one process, whole sequences."""
+    model.zero_grad()
+    logits = logits_of(model, batch)
+    F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------ one process
+
+
+@pytest.mark.parametrize("kind", ["ours", "llama", "qwen"])
+def test_swapped_model_matches_original_in_one_process(kind):
+    model = tiny() if kind == "ours" else hf_tiny(kind=kind)
+    swapped = swap_attention(copy.deepcopy(model))
+    n_core = sum(isinstance(m, lightning_sp.LongContextAttention) for m in swapped.modules())
+    assert n_core == 2, "every attention layer must get a LongContextAttention"
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": shifted(ids)}
+    want, want_grads = reference(model, batch)
+    got, got_grads = reference(swapped, batch)
+    assert rel(got, want) < TOL
+    assert max(rel(got_grads[n], g) for n, g in want_grads.items()) < TOL
+
+
+def test_chunked_loss_equals_full_cross_entropy_and_its_gradient():
+    model = tiny(loss_chunk_size=5)
+    ids = torch.randint(0, VOCAB, (2, 23), generator=torch.Generator().manual_seed(2))
+    labels = shifted(ids)
+    labels[0, :4] = -100
+    want, want_grads = reference(model, {"input_ids": ids, "labels": labels})
+    model.zero_grad()
+    total, count = model.loss_sum(model(ids), labels)
+    (total / count).backward()
+    assert int(count) == int((labels != -100).sum())
+    want_loss = F.cross_entropy(want.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    assert abs((total / count).item() - want_loss.item()) < 1e-12
+    assert max(rel(p.grad, want_grads[n]) for n, p in model.named_parameters()) < TOL
+
+
+def test_packed_documents_do_not_attend_to_each_other():
+    model = tiny()
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, VOCAB, (n,), generator=g) for n in (9, 14, 5)]
+    cu = torch.tensor([0, 9, 23, 28])
+    pos = torch.cat([torch.arange(len(d)) for d in docs])
+    packed = model.logits(model(torch.cat(docs)[None], pos, cu, 14))[0]
+    alone = torch.cat([model.logits(model(d[None]))[0] for d in docs])
+    assert rel(packed, alone) < TOL
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "labels": shifted(ids)}
+    _, want = reference(tiny(), batch)
+    _, got = reference(tiny(activation_checkpointing=True), batch)
+    assert max(rel(got[n], g) for n, g in want.items()) < TOL
+
+
+def test_large_shapes_build_on_the_meta_device():
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                             num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=5e5))
+    assert all(p.is_meta for p in model.parameters())
+    n = sum(p.numel() for p in model.parameters())
+    assert n == model.config.num_params() == 8_030_261_248  # Llama-3-8B
+
+
+def test_bad_inputs_raise_errors_that_say_why():
+    with pytest.raises(lightning_sp.SPConfigError, match="cannot swap the attention of Sequential"):
+        swap_attention(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(lightning_sp.SPConfigError, match="num_kv_heads=3"):
+        LlamaConfig(num_heads=4, num_kv_heads=3)
+    with pytest.raises(lightning_sp.SPConfigError, match="loss_chunk_size"):
+        LlamaForCausalLM(loss_chunk_size=0)
+    with pytest.raises(lightning_sp.SPConfigError, match="one packed row"):
+        tiny()(torch.zeros(2, 8, dtype=torch.long), cu_seqlens=torch.tensor([0, 8]))
+    with pytest.raises(lightning_sp.SPConfigError, match="window"):
+        LocalAttention()(*torch.zeros(3, 1, 4, 2, 8), window_size=(2, 0))
+
+
+def test_hf_model_errors_say_why():
+    transformers = pytest.importorskip("transformers")
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=32, d_model=16, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
+    with pytest.raises(lightning_sp.SPConfigError, match="encoder-decoder"):
+        swap_attention(t5)
+    model = swap_attention(hf_tiny())
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(lightning_sp.SPConfigError, match="padding attention_mask"):
+        model(input_ids=ids, attention_mask=torch.tensor([[1] * 6 + [0] * 2]))
+
+
+# ------------------------------------------------------------------------------- sequence parallel
+
+
+def _sp_case(kind: str, packed: bool, ulysses: int, ring: int, layout: str) -> dict:
+    """On every rank: the swapped model on this rank's shard vs the whole-sequence reference."""
+    mesh = lightning_sp.init_sp_mesh(ulysses_degree=ulysses, ring_degree=ring)
+    model = tiny() if kind == "ours" else hf_tiny(kind=kind)
+    g = torch.Generator().manual_seed(5)
+    if packed:
+        lengths = [13, 7, 12]  # uneven, not multiples of the layout's 8: padded per document
+        cu = torch.tensor([0, *lengths]).cumsum(0)
+        ids = torch.randint(0, VOCAB, (1, int(cu[-1])), generator=g)
+        labels = shifted(ids)
+        labels[0, cu[1:] - 1] = -100  # no label crosses a document boundary
+        pos = torch.cat([torch.arange(n) for n in lengths])[None]
+        ref_batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu, "max_seqlen": 13}
+        shard = L.shard_documents(cu, mesh, layout)
+        local = {"input_ids": shard.shard(ids, dim=1), "labels": shard.shard(labels, dim=1, pad_value=-100),
+                 "position_ids": shard.position_ids[None], "cu_seqlens": shard.cu_seqlens,
+                 "max_seqlen": shard.max_seqlen}
+
+        def gather(x):
+            return shard.unshard(x, mesh, dim=1)
+    else:
+        ids = torch.randint(0, VOCAB, (2, 32), generator=g)
+        labels = shifted(ids)
+        ref_batch = {"input_ids": ids, "labels": labels}
+        local = {"input_ids": L.shard(ids, mesh, layout), "labels": L.shard(labels, mesh, layout),
+                 "position_ids": L.position_ids(32, mesh, layout)[None]}
+
+        def gather(x):
+            return L.unshard(x, mesh, layout)
+    want, want_grads = reference(copy.deepcopy(model), ref_batch)
+    swapped = swap_attention(model, mesh, ring_impl=layout)
+    logits = logits_of(swapped, local)
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), local["labels"].flatten(), ignore_index=-100, reduction="sum")
+    exact_token_loss(loss_sum, (local["labels"] != -100).sum()).loss.backward()
+    errs = {"logits": rel(gather(logits.detach()), want)}
+    for n, p in swapped.named_parameters():  # gradients averaged over the world, as DDP does
+        dist.all_reduce(p.grad)
+        errs[n] = rel(p.grad / dist.get_world_size(), want_grads[n])
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < TOL, f"{worst}: {errs[worst]}"
+    return errs[worst]
+
+
+@pytest.mark.parametrize("kind,packed", [("ours", False), ("ours", True), ("llama", False), ("qwen", True)])
+def test_swapped_model_matches_one_process_when_sequence_parallel(worlds, kind, packed):
+    if kind != "ours":
+        pytest.importorskip("transformers")
+    worlds(4).run(_sp_case, kind, packed, 2, 2, "zigzag", timeout=120)
+
+
+def test_swapped_model_matches_one_process_ring_only_stripe(worlds):
+    worlds(4).run(_sp_case, "ours", False, 1, 4, "stripe", timeout=120)
