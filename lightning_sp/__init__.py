@@ -4,10 +4,16 @@ from .attention import (FUNCTIONS, LongContextAttention, LongContextAttentionQKV
                         long_context_attention, ring_mesh)
 from .kernels import KernelError
 from .mesh import SPConfigError, SPMesh, init_sp_mesh
+from . import loss
+from .loss import TokenLoss
+from .strategy import UlyssesRingFSDPStrategy, UlyssesRingStrategy, register_strategies
+
+register_strategies()  # Trainer(strategy="ulysses_ring" | "ulysses" | "ring" | "ulysses_ring_fsdp"); re-import safe
 
 globals().update(FUNCTIONS)
 
 __version__ = "0.1.0"
 __all__ = ["KernelError", "LongContextAttention", "LongContextAttentionQKVPacked", "SPConfigError", "SPMesh",
-           "UlyssesAttention", "init_sp_mesh", "kernels", "layout", "long_context_attention", "ring_mesh",
+           "TokenLoss", "UlyssesAttention", "UlyssesRingFSDPStrategy", "UlyssesRingStrategy", "init_sp_mesh",
+           "kernels", "layout", "long_context_attention", "loss", "register_strategies", "ring_mesh",
            *sorted(FUNCTIONS)]
