@@ -183,7 +183,7 @@ class UlyssesRingStrategy(DDPStrategy):
         problem = self._sampler_problem(dataloader)
         self._agree(problem)
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and trainer.training and hasattr(dataloader, "__len__"):
+        if trainer is not None and trainer.training and _sized(dataloader):
             return ResumableLoader(dataloader)
         return dataloader
 
@@ -353,6 +353,13 @@ class UlyssesRingStrategy(DDPStrategy):
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=False if weights_only is None else weights_only)
         self._restore_extra_state(checkpoint)
         return checkpoint
+
+
+def _sized(loader) -> bool:
+    try:
+        return len(loader) >= 0
+    except (TypeError, NotImplementedError):
+        return False
 
 
 def _shift(labels: torch.Tensor, dim: int, ignore_index: int) -> torch.Tensor:

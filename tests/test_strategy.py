@@ -296,3 +296,24 @@ def test_configuration_errors(world4, case, match):
     # the world is still usable afterwards
     results = world4.run(C.fit_job, 2, 2, "zigzag", n=8, batch=2, max_steps=1, timeout=TIMEOUT)
     check_run(results, 2, 2, "zigzag", n=8, batch=2, steps=1)
+
+
+@pytest.mark.slow
+def test_fsdp_resume_on_another_world_size(world4, tmp_path):
+    """FSDP distributed checkpoint from 4 ranks (ulysses 2 x ring 2) resumed on 2 ranks (ring 2), dp 1 both."""
+    path = str(tmp_path / "fsdp4.ckpt")
+    world4.run(C.fit_job, 2, 2, "zigzag", fsdp=True, n=8, batch=2, max_steps=2, save=path, timeout=TIMEOUT)
+    world2 = World(2)
+    world2.start()
+    try:
+        second = world2.run(C.fit_job, 1, 2, "zigzag", fsdp=True, n=8, batch=2, max_steps=4, resume=path,
+                            timeout=TIMEOUT)
+    finally:
+        world2.stop()
+    order = [sum(step, []) for step in C.expected_order(8, 1, 2)]
+    losses, _, ref = C.reference_run(C.make_data("dense", 8), order)
+    for res in second:
+        assert res["degrees"] == (1, 2, 1)
+        assert [rec["idx"] for rec in res["record"]] == order[2:]
+        assert all(abs(rec["mean"] - r) <= TOL * r for rec, r in zip(res["record"], losses[2:]))
+        assert all(C.rel_err(res["params"][k], ref[k]) < TOL for k in ref)
