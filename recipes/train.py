@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader
 
 
 def build(cfg: DictConfig):
@@ -37,7 +38,7 @@ def main(cfg: DictConfig) -> float:
     if cfg.predict_after_fit:
         batch = prompt_batch(datamodule)
         answer = batch.pop("answer")
-        logits = trainer.predict(module, [batch])[0]
+        logits = trainer.predict(module, DataLoader([batch], batch_size=None))[0]
         if trainer.is_global_zero:
             print(f"predicted next token {int(logits.argmax())}, expected {answer}")
     return loss
