@@ -17,3 +17,7 @@ __all__ = ["KernelError", "LongContextAttention", "LongContextAttentionQKVPacked
            "TokenLoss", "UlyssesAttention", "UlyssesRingFSDPStrategy", "UlyssesRingStrategy", "init_sp_mesh",
            "kernels", "layout", "long_context_attention", "loss", "register_strategies", "ring_mesh",
            *sorted(FUNCTIONS)]
+
+from .models import swap_attention  # noqa: E402  (models sit above the attention layer)
+
+__all__.append("swap_attention")
