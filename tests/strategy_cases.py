@@ -145,19 +145,21 @@ def reference_batch(data, indices):
     return ids, labels, torch.arange(ids.shape[1]).expand_as(ids), None
 
 
-def reference_run(data, steps: list[list[int]], heads: int = 4, autocast: bool = False):
-    """Train the reference model on the given global batches; returns (losses, params before, after)."""
+def reference_run(data, steps: list[list[int]], heads: int = 4, accumulate: int = 1):
+    """Train the reference model on the given global batches (``accumulate`` micro-batches per optimizer
+    step, each micro-batch's token mean weighted 1/accumulate); returns (losses, params before, after)."""
     model = TinyLM(heads=heads, reference=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     losses = []
-    for indices in steps:
+    for micro, indices in enumerate(steps):
         ids, labels, pos, doc = reference_batch(data, indices)
         logits = model(ids, pos, doc_ids=doc)
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        (loss / accumulate).backward()
+        if (micro + 1) % accumulate == 0:
+            opt.step()
+            opt.zero_grad()
         losses.append(loss.item())
     return losses, before, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -201,12 +203,14 @@ class SaveAtEnd(pl.Callback):
 
 
 def fit_job(ulysses, ring, layout, *, data="dense", n=8, batch=2, seq=13, max_steps=-1, max_epochs=1,
-            fsdp=False, precision="32-true", save=None, resume=None, strategy="object", **strategy_kw):
+            fsdp=False, precision="32-true", save=None, resume=None, strategy="object", accumulate=1,
+            **strategy_kw):
     """Fit TinyLM; returns what this rank saw and the final parameters."""
     model = TinyLM()
     strat = make_strategy(ulysses, ring, layout, fsdp, **strategy_kw) if strategy == "object" else strategy
     callbacks = [SaveAtEnd(save)] if save else []
-    trainer = _trainer(strat, max_steps=max_steps, precision=precision, max_epochs=max_epochs, callbacks=callbacks)
+    trainer = _trainer(strat, max_steps=max_steps, precision=precision, max_epochs=max_epochs, callbacks=callbacks,
+                       accumulate_grad_batches=accumulate)
     trainer.fit(model, DataLoader(make_data(data, n, seq), batch_size=batch), ckpt_path=resume)
     mesh = trainer.strategy.sp_mesh
     return {"record": model.record, "params": _state(model), "sp_rank": mesh.sp_rank, "dp_rank": mesh.dp_rank,

@@ -250,6 +250,17 @@ def test_predict_and_validate(world4, data):
         assert all(abs(res["val_loss"] - ref_val) < TOL * ref_val for res in results)
 
 
+def test_gradient_accumulation(world4):
+    """accumulate_grad_batches=2: each micro-batch's global token mean weighted 1/2 (as lightning_sp.loss documents)."""
+    results = world4.run(C.fit_job, 2, 2, "zigzag", n=8, batch=2, max_steps=2, accumulate=2, timeout=TIMEOUT)
+    order = [sum(step, []) for step in C.expected_order(8, 1, 2)]
+    losses, _, ref = C.reference_run(C.make_data("dense", 8), order, accumulate=2)
+    for res in results:
+        assert [rec["idx"] for rec in res["record"]] == order
+        assert [rec["mean"] for rec in res["record"]] == pytest.approx(losses, rel=TOL)
+        assert all(C.rel_err(res["params"][k], ref[k]) < TOL for k in ref)
+
+
 def test_resume_with_another_split(world4, tmp_path):
     """Save mid-epoch under (ulysses 2, ring 2), resume under (ulysses 4, ring 1): same losses and parameters."""
     path = str(tmp_path / "sp.ckpt")
