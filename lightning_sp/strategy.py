@@ -50,10 +50,6 @@ def _is_degree(value) -> bool:
     return value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 class UlyssesRingStrategy(DDPStrategy):
     """DDP whose ranks also split every sequence: Ulysses within a node, ring across nodes.
 
@@ -140,8 +136,7 @@ class UlyssesRingStrategy(DDPStrategy):
         ulysses, ring = self.ulysses_degree, self.ring_degree
         if ulysses == "auto":
             rest = world if ring == "auto" else world // ring if world % ring == 0 else world
-            limit = math.gcd(node_devices, rest, heads or node_devices)
-            ulysses = max(d for d in _divisors(limit))
+            ulysses = math.gcd(node_devices, rest, heads or node_devices)  # the largest common divisor
         if ring == "auto":
             if world % ulysses:
                 check_degrees(world, ulysses, 1)  # raises, naming the fix
