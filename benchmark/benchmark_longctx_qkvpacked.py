@@ -1,0 +1,149 @@
+"""Time lightning_sp's LongContextAttention (Ulysses x Ring) on a causal sequence split over all ranks.
+
+    torchrun --nproc_per_node 2 benchmark/benchmark_longctx_qkvpacked.py --nheads 32 --seq_len 131072 \\
+        --ulysses_degree 1 --ring_impl_type zigzag --backend fa4 --out benchmark/results/attention.jsonl
+
+The ring degree is world / ulysses_degree. Each rank holds its own shard of q, k, v: packed as
+(b, s_local, 3, h, d) through LongContextAttentionQKVPacked for MHA, separate q and k, v through
+LongContextAttention for GQA (--kv_heads < --nheads). --kv_heads, --seq_len, --mode,
+--ulysses_degree, --ring_impl_type and --backend take several values and sweep every combination
+in one launch (one JSON record each; with ring degree 1 the layouts are all the same and run once).
+--profile DIR adds a torch.profiler trace and a kernel table per rank and configuration, and a
+summary of the GPU timeline in the record (compute-busy share, exposed communication, idle gaps,
+copies) to show whether the ring's P2P hides behind the kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import lightning_sp  # noqa: E402
+from lightning_sp.kernels import backends, select_kernel  # noqa: E402
+from lightning_sp.layout import LAYOUT_ALIASES, canonical_layout, check_seq_len  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_shape_args(p)
+    p.add_argument("--ulysses_degree", type=int, nargs="+", default=[1],
+                   help="Ulysses degree(s); the ring degree is world / ulysses_degree")
+    p.add_argument("--ring_impl_type", nargs="+", default=["zigzag"], choices=sorted(LAYOUT_ALIASES),
+                   help="ring layout(s): basic (= contiguous), zigzag, stripe (or strip)")
+    p.add_argument("--backend", nargs="+", default=["auto"], choices=backends(),
+                   help="block kernel(s); auto = the fastest that accepts the blocks")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also profile --profile_iters iterations of every configuration into DIR")
+    p.add_argument("--profile_iters", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def configs(args, world):
+    """(shape, ulysses, layout, backend) in run order; layouts collapse to one when the ring degree is 1."""
+    for kv, seq_len, fwd_only in common.shape_configs(args):
+        for u in args.ulysses_degree:
+            ring = world // u if u >= 1 and world % u == 0 else None
+            if ring is None:  # one error record is enough
+                yield (kv, seq_len, fwd_only), u, args.ring_impl_type[0], args.backend[0]
+                continue
+            layouts = args.ring_impl_type if ring > 1 else [args.ring_impl_type[0]]
+            for layout in dict.fromkeys(layouts):
+                for backend in args.backend:
+                    yield (kv, seq_len, fwd_only), u, layout, backend
+
+
+def selected_kernel(backend, mesh, args, kv, seq_len, device, dtype) -> str:
+    """The kernel the ring picks for its diagonal block (b, S/R, h/U, d): an expanded 0-d tensor of
+    that shape stands in for the real block (the choice depends on shape, dtype and device only)."""
+    U, R = mesh.ulysses_size, mesh.ring_size
+    stub = torch.zeros((), device=device, dtype=dtype)
+    q = stub.expand(args.batch_size, seq_len // R, args.nheads // U, args.head_dim)
+    k = stub.expand(args.batch_size, seq_len // R, max(kv // U, 1), args.head_dim)
+    return select_kernel(backend, q, k, causal=True).name
+
+
+def make_step(mesh, layout, backend, args, kv, seq_len, fwd_only, device, dtype):
+    """The function one iteration runs, on freshly made local inputs."""
+    P = mesh.sp_size
+    b, n, h, d = args.batch_size, seq_len // P, args.nheads, args.head_dim
+    g = torch.Generator(device=device).manual_seed(args.seed + dist.get_rank())
+    grad = not fwd_only
+    if kv == h:
+        attn = lightning_sp.LongContextAttentionQKVPacked(mesh, ring_impl=layout, backend=backend)
+        qkv = torch.randn(b, n, 3, h, d, generator=g, device=device, dtype=dtype).requires_grad_(grad)
+        inputs = (qkv,)
+    else:
+        attn = lightning_sp.LongContextAttention(mesh, ring_impl=layout, backend=backend)
+        inputs = (torch.randn(b, n, h, d, generator=g, device=device, dtype=dtype).requires_grad_(grad),
+                  *(torch.randn(b, n, kv, d, generator=g, device=device, dtype=dtype).requires_grad_(grad)
+                    for _ in range(2)))
+    dout = torch.randn(b, n, h, d, generator=g, device=device, dtype=dtype)
+
+    if fwd_only:
+        def step():
+            with torch.no_grad():
+                attn(*inputs, causal=True)
+    else:
+        def step():
+            out = attn(*inputs, causal=True)
+            torch.autograd.grad(out, inputs, dout)
+    return step, "qkvpacked" if kv == h else "q,k,v"
+
+
+def run_config(args, meshes, shape, u, layout, backend, device, dtype, rank, world):
+    kv, seq_len, fwd_only = shape
+    ring = world // u if u >= 1 and world % u == 0 else None
+    record = common.base_record(
+        "ours", args, device, world, kv_heads=kv, seq_len=seq_len, fwd_only=fwd_only, ulysses=u, ring=ring,
+        layout=canonical_layout(layout), ring_impl_type=layout, backend=backend, kernel=None,
+        config=f"u{u}xr{ring or '?'} {canonical_layout(layout)} {backend}")
+    try:
+        if ring is None:
+            raise lightning_sp.SPConfigError(f"--ulysses_degree {u} does not divide the world size {world}")
+        if u not in meshes:
+            meshes[u] = lightning_sp.init_sp_mesh(ulysses_degree=u, ring_degree=world // u)
+        mesh = meshes[u]
+        check_seq_len(seq_len, layout, mesh)
+        record["kernel"] = selected_kernel(backend, mesh, args, kv, seq_len, device, dtype)
+        step, record["input"] = make_step(mesh, layout, backend, args, kv, seq_len, fwd_only, device, dtype)
+        timing = common.time_iterations(step, args.warmup, args.iters, device)
+        flops = common.attention_flops(args.batch_size, seq_len, args.nheads, args.head_dim, True, fwd_only)
+        record.update(timing, **common.throughput_fields(timing, flops, world))
+        if args.profile:
+            tag = (f"ours_h{args.nheads}kv{kv}_s{seq_len}_{'fwd' if fwd_only else 'fwdbwd'}_u{u}r{mesh.ring_size}"
+                   f"_{canonical_layout(layout)}_{record['kernel']}")
+            try:
+                record["profile"] = common.profile_iterations(step, args.profile_iters, args.profile, tag, rank, device)
+            except Exception as exc:  # the timing stands; say why the profile is missing
+                record["profile"] = dict(error=common.error_text(exc))
+    except Exception as exc:  # recorded, and the sweep goes on (errors here are the same on every rank)
+        record["error"] = common.error_text(exc)
+    finally:
+        step = None  # noqa: F841  (drop the inputs before the next configuration)
+        common.release_memory(device)
+    return record
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, rank, world = common.setup_distributed()
+    args = common.finish_args(args, device)
+    dtype = common.DTYPES[args.dtype]
+    meshes: dict[int, object] = {}
+    for shape, u, layout, backend in configs(args, world):
+        record = run_config(args, meshes, shape, u, layout, backend, device, dtype, rank, world)
+        if rank == 0:
+            print(common.describe(record), flush=True)
+            common.append_record(args.out, record)
+    dist.destroy_process_group()
+    return 0  # failed configurations are in the records
+
+
+if __name__ == "__main__":
+    sys.exit(main())
