@@ -314,7 +314,7 @@ def _failure_main(argv) -> int:
     p.add_argument("--fwd_only", action="store_true")
     p.add_argument("--note", default="")
     a = p.parse_args(argv)
-    reason = "timed out" if a.rc in (124, 137) else f"exited with status {a.rc}"
+    reason = "timed out" if a.rc in (124, 137) else "did not run" if a.rc == 0 else f"exited with status {a.rc}"
     append_record(a.out, dict(
         name=a.name, date=datetime.datetime.now().isoformat(timespec="seconds"), nheads=a.nheads,
         kv_heads=a.kv_heads, head_dim=a.head_dim, batch_size=a.batch_size, seq_len=a.seq_len,
