@@ -314,12 +314,15 @@ def _failure_main(argv) -> int:
     p.add_argument("--fwd_only", action="store_true")
     p.add_argument("--note", default="")
     a = p.parse_args(argv)
-    reason = "timed out" if a.rc in (124, 137) else "did not run" if a.rc == 0 else f"exited with status {a.rc}"
+    if a.rc == 0:
+        error = f"launch skipped: {a.note or 'not run'}"
+    else:
+        reason = "timed out" if a.rc in (124, 137) else f"exited with status {a.rc}"
+        error = f"launch {reason}; its configurations without a record of their own did not finish. {a.note}".strip()
     append_record(a.out, dict(
         name=a.name, date=datetime.datetime.now().isoformat(timespec="seconds"), nheads=a.nheads,
         kv_heads=a.kv_heads, head_dim=a.head_dim, batch_size=a.batch_size, seq_len=a.seq_len,
-        fwd_only=a.fwd_only, launch_failure=True, rc=a.rc, command=a.command, torch=torch.__version__,
-        error=f"launch {reason}; its configurations without a record of their own did not finish. {a.note}".strip()))
+        fwd_only=a.fwd_only, launch_failure=True, rc=a.rc, command=a.command, torch=torch.__version__, error=error))
     return 0
 
 

@@ -14,7 +14,7 @@
 # figures: OUT_DIR/plots/, everything the launches print: OUT_DIR/suite.log.
 #
 # Overrides for other machines or a CPU smoke run (environment): NPROC, SEQS, KVS, NHEADS, HEAD_DIM, DTYPE,
-# BACKENDS, SINGLE_BACKENDS, SDPA, PROFILE (0 = skip the profiled run), SHORT_WARMUP/SHORT_ITERS (seq <= 32K),
+# PYTHON, BACKENDS, SINGLE_BACKENDS, SDPA, PROFILE (0 = skip the profiled run), SHORT_WARMUP/SHORT_ITERS (seq <= 32K),
 # LONG_WARMUP/LONG_ITERS, LIMIT_SHORT/LIMIT_LONG (seconds per launch), BUDGET (seconds for all launches).
 set -u
 
@@ -41,7 +41,8 @@ RESULTS="$OUT/attention.jsonl"
 LOG="$OUT/suite.log"
 touch "$RESULTS" "$OUT/profile.jsonl"
 SHAPE="--nheads $NHEADS --head_dim $HEAD_DIM --batch_size 1 --dtype $DTYPE"
-TORCHRUN="torchrun --standalone --nproc_per_node $NPROC"
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the interpreter that has torch (and FlashAttention-4)
+TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node $NPROC"
 START=$SECONDS
 
 # run NAME LIMIT_S RESULTS_FILE SEQ KV command...: run one launch with a time limit, report it in one line,
@@ -54,7 +55,7 @@ run() {
     local left=$((BUDGET - (SECONDS - START)))
     if [ "$left" -lt 30 ]; then
         echo "$name S=$seq kv=$kv: skipped, the suite's budget of $BUDGET s is spent"
-        python benchmark/common.py failure --out "$file" --name "$name" --rc 0 --command "$*" --note "skipped: suite budget" \
+        $PY benchmark/common.py failure --out "$file" --name "$name" --rc 0 --command "$*" --note "the suite's budget of $BUDGET s was spent" \
             --nheads "$NHEADS" --head_dim "$HEAD_DIM" --batch_size 1 --seq_len "${seq%% *}" --kv_heads "${kv%% *}"
         return
     fi
@@ -66,13 +67,13 @@ run() {
     printf '%-10s S=%-7s kv=%-5s %4ds  rc=%-3d +%d records\n' "$name" "$seq" "$kv" $((SECONDS - t)) "$rc" \
         $((after - before))
     if [ "$rc" -ne 0 ]; then
-        python benchmark/common.py failure --out "$file" --name "$name" --rc "$rc" --command "$*" \
+        $PY benchmark/common.py failure --out "$file" --name "$name" --rc "$rc" --command "$*" \
             --nheads "$NHEADS" --head_dim "$HEAD_DIM" --batch_size 1 --seq_len "${seq%% *}" --kv_heads "${kv%% *}"
         tail -n 4 "$LOG" | cut -c1-400 | sed 's/^/    | /'
     fi
 }
 
-python - <<EOF 2>&1 | tee -a "$LOG"
+$PY - <<EOF 2>&1 | tee -a "$LOG"
 import torch
 try:
     import flash_attn.cute  # noqa: F401
@@ -94,7 +95,7 @@ for S in $SEQS; do
         run torch_cp "$LIMIT" "$RESULTS" "$S" "$KV" $TORCHRUN benchmark/benchmark_torch_cp.py $COMMON \
             --kv_heads "$KV" --sdpa_backend $SDPA --rotate allgather
     done
-    run single_gpu "$LIMIT" "$RESULTS" "$S" "$KVS" python benchmark/benchmark_qkvpacked_func.py $COMMON \
+    run single_gpu "$LIMIT" "$RESULTS" "$S" "$KVS" $PY benchmark/benchmark_qkvpacked_func.py $COMMON \
         --kv_heads $KVS --backend $SINGLE_BACKENDS --world "$NPROC"
 done
 
@@ -107,8 +108,8 @@ if [ "$PROFILE" != 0 ]; then
 fi
 
 echo "suite ran $((SECONDS - START)) s"
-python benchmark/plot.py "$RESULTS" --out_dir "$OUT/plots"
+$PY benchmark/plot.py "$RESULTS" --out_dir "$OUT/plots"
 if [ "$PROFILE" != 0 ] && [ -s "$OUT/profile.jsonl" ]; then
     echo "== profiled runs (2 timed iterations each: read the profile lines, not the times; traces in $OUT/profile)"
-    python benchmark/plot.py "$OUT/profile.jsonl" --no_plots | grep -E "^   u|profile/iter|^== [0-9]+ failed|^   [0-9]+x|first:"
+    $PY benchmark/plot.py "$OUT/profile.jsonl" --no_plots | grep -E "^   u|profile/iter|^== [0-9]+ failed|^   [0-9]+x|first:"
 fi
