@@ -17,3 +17,4 @@ def worlds():
     yield get
     for world in started.values():
         world.stop()
+collect_ignore = ["torchrun"]

@@ -158,8 +158,10 @@ def ring_backward(spec: RingSpec, plan: StepPlan, dout, q, k, v, out, lse):
             dk_prev, dv_prev = dkv_pending.wait()
             dk += dk_prev
             dv += dv_prev
-        if ring is not None:  # after the last step this send delivers each block's dK/dV to its owner
+        if ring is not None and step + 1 < len(plan.steps):
             dkv_pending = ring.start([dk, dv])
+        elif ring is not None:  # the last hop delivers finished sums to their owner: send them rounded
+            dkv_pending = ring.start([dk.to(k.dtype), dv.to(v.dtype)])
         if kv_pending is not None:
             kv = kv_pending.wait()
     if dkv_pending is not None:

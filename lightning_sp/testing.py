@@ -1,0 +1,70 @@
+"""Measuring exactness: float64 attention with gradients, computed in query chunks so that 128K-token
+sequences fit on one GPU, and the relative error used throughout the tests and the GPU numerics."""
+from __future__ import annotations
+
+import torch
+
+
+def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want||, in float64."""
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def reference_attention(q, k, v, dout=None, *, causal=False, softmax_scale=None, chunk_bytes=2 << 30):
+    """float64 attention of full (b, S, h, d) tensors (k, v may have fewer heads).
+
+    Returns (out, dq, dk, dv) in float64 when ``dout`` is given, else (out,). Queries are processed
+    in chunks whose score matrix stays under ``chunk_bytes``.
+    """
+    b, S, h, d = q.shape
+    hk = k.shape[2]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    q64 = q.double()
+    k64 = k.double().repeat_interleave(h // hk, dim=2)
+    v64 = v.double().repeat_interleave(h // hk, dim=2)
+    rows = max(1, int(chunk_bytes // (8 * b * h * S)))
+    out = torch.empty_like(q64)
+    lse = torch.empty(b, h, S, dtype=torch.float64, device=q.device)
+
+    def probabilities(a, z, lse_rows=None):
+        end = z if causal else S  # a causal chunk never looks past its last row
+        s = torch.einsum("bqhd,bkhd->bhqk", q64[:, a:z], k64[:, :end]) * scale
+        if causal:
+            s.masked_fill_(torch.arange(a, z, device=q.device)[:, None] < torch.arange(end, device=q.device), float("-inf"))
+        if lse_rows is None:
+            lse_rows = torch.logsumexp(s, dim=-1)
+        return torch.exp(s - lse_rows[..., None]), lse_rows, end
+
+    for a in range(0, S, rows):
+        z = min(S, a + rows)
+        p, lse[:, :, a:z], end = probabilities(a, z)
+        out[:, a:z] = torch.einsum("bhqk,bkhd->bqhd", p, v64[:, :end])
+    if dout is None:
+        return (out,)
+    do = dout.double()
+    delta = (do * out).sum(-1).transpose(1, 2)  # (b, h, S)
+    dq = torch.empty_like(q64)
+    dk = torch.zeros_like(k64)
+    dv = torch.zeros_like(v64)
+    for a in range(0, S, rows):
+        z = min(S, a + rows)
+        p, _, end = probabilities(a, z, lse[:, :, a:z])
+        dv[:, :end] += torch.einsum("bhqk,bqhd->bkhd", p, do[:, a:z])
+        ds = p * (torch.einsum("bqhd,bkhd->bhqk", do[:, a:z], v64[:, :end]) - delta[:, :, a:z, None])
+        dq[:, a:z] = torch.einsum("bhqk,bkhd->bqhd", ds, k64[:, :end]) * scale
+        dk[:, :end] += torch.einsum("bhqk,bqhd->bkhd", ds, q64[:, a:z]) * scale
+    fold = lambda g: g.unflatten(2, (hk, h // hk)).sum(3)  # noqa: E731  (GQA: sum over each KV group)
+    return out, dq, fold(dk), fold(dv)
+
+
+def sharded_rel_errors(got_local, want_local, group=None) -> list[float]:
+    """Relative errors of tensors sharded over a process group, measured on the whole (sums of
+    squares all-reduced), one per pair."""
+    import torch.distributed as dist
+
+    sums = torch.stack([torch.stack([(g.double() - w.double()).pow(2).sum(), w.double().pow(2).sum()])
+                        for g, w in zip(got_local, want_local)])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums, group=group)
+    return [(n / d) ** 0.5 for n, d in sums.tolist()]

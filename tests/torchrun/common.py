@@ -1,0 +1,129 @@
+"""Shared body of the torchrun checks (the reference project's test commands, mirrored):
+
+    torchrun --nproc_per_node 8 tests/torchrun/test_zigzag_ring_flash_attn_func.py
+
+On GPUs (NCCL, bf16) each distributed error must stay within 1.3x the single-GPU kernel's own error
+against float64 (1.05x for pure Ulysses); on CPU (gloo, float64) within 1e-10. Exits non-zero on failure.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import lightning_sp
+from lightning_sp import layout as L
+from lightning_sp.kernels import select_kernel
+from lightning_sp.testing import reference_attention, rel_error, sharded_rel_errors
+
+
+def setup():
+    cuda = torch.cuda.is_available()
+    if cuda:
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return torch.device("cuda" if cuda else "cpu"), (torch.bfloat16 if cuda else torch.float64)
+
+
+def inputs(S, heads, kv_heads, head_dim, device, dtype, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(1, S, heads, head_dim, generator=g, device=device, dtype=dtype)
+    k, v = (torch.randn(1, S, kv_heads, head_dim, generator=g, device=device, dtype=dtype) for _ in range(2))
+    dout = torch.randn(1, S, heads, head_dim, generator=g, device=device, dtype=dtype)
+    return q, k, v, dout
+
+
+def single_device_errors(q, k, v, dout, ref, causal):
+    """The kernel's own error on the whole sequence, the yardstick for the distributed one."""
+    kernel = select_kernel("auto", q, k, causal)
+    out, lse = kernel.forward(q, k, v, causal=causal)
+    got = [out, *kernel.backward(dout, q, k, v, out, lse, causal=causal)]
+    return [rel_error(a, b) for a, b in zip(got, ref)]
+
+
+def judge(name, errs, single, pure_ulysses, dtype) -> bool:
+    names = ("out", "dq", "dk", "dv")
+    if dtype == torch.float64:
+        ok = max(errs) < 1e-10
+        detail = " ".join(f"{n} {e:.1e}" for n, e in zip(names, errs))
+    else:
+        bound = 1.05 if pure_ulysses else 1.3
+        ok = all(e <= bound * s for e, s in zip(errs, single))
+        detail = " ".join(f"{n} {e:.2e} ({e / s:.2f}x)" for n, e, s in zip(names, errs, single))
+    if dist.get_rank() == 0:
+        print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
+    return ok
+
+
+def check_dense(api: str, layout: str, ulysses_degrees=(1,), heads=8, kv_heads=8, head_dim=128, seq_per_rank=None):
+    """The named API (a lightning_sp function or module name) on every causal/full case."""
+    device, dtype = setup()
+    world = dist.get_world_size()
+    ok = True
+    for causal in (False, True):
+        S = (seq_per_rank or (4096 if device.type == "cuda" else 64)) * world
+        q, k, v, dout = inputs(S, heads, kv_heads, head_dim, device, dtype)
+        ref = reference_attention(q, k, v, dout, causal=causal)
+        single = single_device_errors(q, k, v, dout, ref, causal) if dtype != torch.float64 else None
+        for u in ulysses_degrees:
+            if world % u or heads % u:
+                continue
+            mesh = lightning_sp.init_sp_mesh(ulysses_degree=u, ring_degree=world // u)
+            local = [L.shard(t, mesh, layout).requires_grad_() for t in (q, k, v)]
+            if api == "LongContextAttentionQKVPacked":
+                qkv = torch.stack([t.detach() for t in local], dim=2).requires_grad_()
+                out = lightning_sp.LongContextAttentionQKVPacked(mesh, ring_impl=layout)(qkv, causal=causal)
+                out.backward(L.shard(dout, mesh, layout))
+                grads = qkv.grad.unbind(2)
+            else:
+                if api in ("LongContextAttention", "UlyssesAttention"):
+                    attn = getattr(lightning_sp, api)(mesh, **({} if api == "UlyssesAttention" else {"ring_impl": layout}))
+                    out = attn(*local, causal=causal)
+                else:
+                    out = getattr(lightning_sp, api)(*local, causal=causal)
+                out.backward(L.shard(dout, mesh, layout))
+                grads = [t.grad for t in local]
+            errs = sharded_rel_errors([out.detach(), *grads], [L.shard(r, mesh, layout) for r in ref])
+            ok &= judge(f"{api} {layout} ulysses={u} ring={world // u} causal={causal}", errs, single,
+                        u == world, dtype)
+    finish(ok)
+
+
+def check_varlen(api: str, layout: str, heads=8, kv_heads=8, head_dim=128, doc_lengths=None):
+    """A varlen function on packed documents of uneven lengths (each padded by shard_documents)."""
+    device, dtype = setup()
+    world = dist.get_world_size()
+    mesh = lightning_sp.ring_mesh()
+    ok = True
+    doc_lengths = doc_lengths or ((1000, 3000, 250, 1846) if device.type == "cuda" else (100, 30, 25, 77))
+    for causal in (True,):  # uneven documents need padding, which only causal attention cannot see
+        cu = torch.tensor([0, *doc_lengths]).cumsum(0)
+        T = int(cu[-1])
+        q, k, v, dout = inputs(T, heads, kv_heads, head_dim, device, dtype)
+        refs = [reference_attention(*(t[:, a:b] for t in (q, k, v, dout)), causal=causal)
+                for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+        ref = [torch.cat(parts, dim=1)[0] for parts in zip(*refs)]
+        packed = L.shard_documents(cu, mesh, layout)
+        real = (packed.token_index >= 0).to(device)
+        index = packed.token_index.clamp(min=0).to(device)
+        local = [packed.shard(t[0]).requires_grad_() for t in (q, k, v)]
+        out = getattr(lightning_sp, api)(*local, packed.cu_seqlens.to(device), packed.max_seqlen, causal=causal)
+        out.backward(packed.shard(dout[0]))
+        got = [x[real] for x in (out.detach(), *(t.grad for t in local))]
+        want = [r[index][real] for r in ref]
+        errs = sharded_rel_errors(got, want)
+        single = None
+        if dtype != torch.float64:
+            singles = [single_device_errors(*(t[:, a:b] for t in (q, k, v, dout)), r, causal)
+                       for (a, b), r in zip(zip(cu[:-1].tolist(), cu[1:].tolist()), refs)]
+            single = [max(s[i] for s in singles) for i in range(4)]
+        ok &= judge(f"{api} {world} ranks causal={causal}", errs, single, False, dtype)
+    finish(ok)
+
+
+def finish(ok: bool):
+    dist.destroy_process_group()
+    sys.exit(0 if ok else 1)

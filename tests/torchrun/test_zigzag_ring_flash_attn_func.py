@@ -1,0 +1,5 @@
+"""torchrun --nproc_per_node 8 tests/torchrun/test_zigzag_ring_flash_attn_func.py"""
+from common import check_dense
+
+if __name__ == "__main__":
+    check_dense("zigzag_ring_flash_attn_func", "zigzag")
