@@ -1,0 +1,183 @@
+"""Smoke runs of the benchmark scripts on CPU with tiny shapes: they run, write well-formed records,
+record failures instead of crashing or hanging, and plot.py summarizes and draws them.
+
+The two torchrun launches (ours and torch CP, 2 gloo processes each) start together and run while
+the single-GPU script and the trace summary run in this process.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmark")
+TINY = ["--nheads", "4", "--head_dim", "16", "--seq_len", "64", "--warmup", "1", "--iters", "2"]
+LAUNCH_TIMEOUT = 240
+
+RECORD_FIELDS = {"name", "card", "date", "world", "nheads", "kv_heads", "head_dim", "batch_size", "seq_len",
+                 "fwd_only", "causal", "dtype", "warmup", "iters", "ulysses", "ring", "layout", "backend", "kernel",
+                 "error", "args", "command", "torch"}
+TIMING_FIELDS = {"time_ms", "time_ms_min", "time_ms_mean", "iters_per_s", "flops", "tflops_per_gpu",
+                 "peak_mem_gib", "peak_extra_gib"}
+
+
+def _module(name):
+    if BENCH not in sys.path:
+        sys.path.insert(0, BENCH)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _torchrun(script, args, out):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(BENCH, script), *TINY, *args, "--out", out]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(proc):
+    try:
+        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"launch did not finish in {LAUNCH_TIMEOUT} s (hang?):\n{out[-3000:]}")
+    return proc.returncode, out
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _check_timed(r, name, world):
+    assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
+    assert r["name"] == name and r["world"] == world and r["card"] == "cpu"
+    assert r["error"] is None, r["error"]
+    assert TIMING_FIELDS <= set(r)
+    assert r["time_ms_min"] <= r["time_ms"] and math.isfinite(r["time_ms"]) and r["time_ms"] > 0
+    assert r["iters_per_s"] == pytest.approx(1e3 / r["time_ms"])
+    fwd = 4 * r["batch_size"] * r["seq_len"] ** 2 * r["nheads"] * r["head_dim"] / 2
+    assert r["flops"] == pytest.approx(fwd if r["fwd_only"] else 3.5 * fwd)
+    assert r["tflops_per_gpu"] == pytest.approx(r["flops"] / world / (r["time_ms"] / 1e3) / 1e12)
+    assert r["peak_mem_gib"] is None  # cpu
+    assert r["command"].split()[0] in ("torchrun", "python")
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """Start ours and torch CP under torchrun; the tests wait for them when they need their records."""
+    d = tmp_path_factory.mktemp("bench")
+    ours_out, cp_out = str(d / "ours.jsonl"), str(d / "cp.jsonl")
+    ours = _torchrun("benchmark_longctx_qkvpacked.py",
+                     ["--kv_heads", "4", "2", "--mode", "fwd_bwd", "fwd", "--ulysses_degree", "1", "2", "3",
+                      "--ring_impl_type", "zigzag", "strip", "--backend", "cpu_flash", "--profile", str(d / "prof")],
+                     ours_out)
+    cp = _torchrun("benchmark_torch_cp.py", ["--kv_heads", "4", "2", "--sdpa_backend", "flash"], cp_out)
+    procs = {"ours": (ours, ours_out), "cp": (cp, cp_out)}
+    yield d, procs
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_single_gpu_ceiling_records(launches):
+    d, _ = launches
+    out = str(d / "single.jsonl")
+    _module("benchmark_qkvpacked_func").main([*TINY, "--kv_heads", "4", "2", "--mode", "fwd_bwd", "fwd",
+                                              "--backend", "auto", "cudnn", "--world", "2", "--out", out])
+    records = _records(out)
+    assert [(r["kv_heads"], r["fwd_only"], r["backend"]) for r in records] == [
+        (kv, fwd, b) for kv in (4, 2) for fwd in (False, True) for b in ("auto", "cudnn")]
+    for r in records:
+        if r["backend"] == "cudnn":  # not on cpu: recorded, not raised
+            assert "KernelError" in r["error"] and "time_ms" not in r
+            continue
+        _check_timed(r, "single_gpu", 1)
+        assert r["kernel"] == "cpu_flash" and r["ulysses"] == r["ring"] == 1
+        assert r["perfect_world"] == 2 and r["perfect_time_ms"] == pytest.approx(r["time_ms"] / 2)
+
+
+def test_ours_records(launches):
+    _, procs = launches
+    proc, path = procs["ours"]
+    rc, out = _finish(proc)
+    assert rc == 0, out[-3000:]
+    records = _records(path)
+    timed = [r for r in records if r["error"] is None]
+    # per shape: u1 x r2 in zigzag and stripe, u2 x r1 once; u3 does not divide 2 -> one error record
+    assert len(timed) == 4 * 3 and len(records) == 4 * 4
+    for r in timed:
+        _check_timed(r, "ours", 2)
+        assert r["kernel"] == "cpu_flash" and r["ulysses"] * r["ring"] == 2
+        assert r["input"] == ("qkvpacked" if r["kv_heads"] == 4 else "q,k,v")
+        assert r["profile"]["gpu_events"] == 0 and os.path.exists(r["profile"]["trace"])
+        assert os.path.getsize(r["profile"]["table"]) > 0
+    assert {(r["ring"], r["layout"]) for r in timed} == {(2, "zigzag"), (2, "stripe"), (1, "zigzag")}
+    assert {r["ring_impl_type"] for r in timed if r["layout"] == "stripe"} == {"strip"}
+    bad = [r for r in records if r["error"] is not None]
+    assert all(r["ulysses"] == 3 and "does not divide the world size 2" in r["error"] for r in bad)
+
+
+def test_torch_cp_fails_clearly_on_cpu(launches):
+    _, procs = launches
+    proc, path = procs["cp"]
+    rc, out = _finish(proc)
+    assert rc == 0, out[-3000:]
+    records = _records(path)
+    assert [(r["kv_heads"], r["fwd_only"]) for r in records] == [(4, False), (2, False)]
+    for r in records:
+        assert RECORD_FIELDS <= set(r) and r["name"] == "torch_cp" and r["sdpa_backend"] == "flash"
+        assert "sharding strategy" in r["error"] and "GPUs only" in r["error"]
+        assert r["load_balance"] is True and r["layout"] == "zigzag"  # 64 tokens split head-tail over 2 ranks
+
+
+def test_plot_summary_and_figures(launches, capsys):
+    d, procs = launches
+    for proc, _ in procs.values():
+        _finish(proc)
+    plot = _module("plot")
+    try:
+        import matplotlib  # noqa: F401
+        plots = []
+    except ImportError:
+        plots = ["--no_plots"]
+    plot.main([str(d / "ours.jsonl"), str(d / "single.jsonl"), str(d / "cp.jsonl"), "--out_dir",
+               str(d / "plots"), *plots])
+    text = capsys.readouterr().out
+    assert "== h4/kv4 d16 b1 S=64 fwd+bwd on cpu" in text and "== h4/kv2 d16 b1 S=64 fwd on cpu" in text
+    assert "u1xr2 zigzag cpu_flash" in text and "u2xr1 zigzag cpu_flash" in text
+    assert "%perf-cpu_flash" in text and "failed configuration" in text
+    if not plots:
+        assert len([f for f in os.listdir(d / "plots") if f.endswith(".png")]) == 4
+
+
+def test_trace_summary_counts_exposed_comm_idle_and_copies(tmp_path):
+    common = _module("common")
+    events = [  # two iterations on one GPU, microseconds
+        dict(ph="X", cat="kernel", name="flash_fwd_kernel", ts=0, dur=100),
+        dict(ph="X", cat="kernel", name="ncclDevKernel_SendRecv", ts=50, dur=80),  # 30 us exposed
+        dict(ph="X", cat="gpu_memcpy", name="Memcpy DtoD", ts=140, dur=10),
+        dict(ph="X", cat="kernel", name="flash_fwd_kernel", ts=200, dur=100),  # 50 us idle before it
+        dict(ph="X", cat="cpu_op", name="aten::mm", ts=0, dur=999),
+    ]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    s = common.summarize_trace(str(path), iters=2)
+    assert s["gpu_events"] == 4
+    assert s["window_ms"] == pytest.approx(0.300 / 2)
+    assert s["compute_ms"] == pytest.approx(0.210 / 2)
+    assert s["comm_ms"] == pytest.approx(0.080 / 2)
+    assert s["exposed_comm_ms"] == pytest.approx(0.030 / 2)
+    assert s["idle_ms"] == pytest.approx(0.060 / 2)
+    assert s["copy_ms"] == pytest.approx(0.010 / 2)
+    assert s["top_kernels"][0]["name"] == "flash_fwd_kernel" and s["top_kernels"][0]["calls_per_iter"] == 1
