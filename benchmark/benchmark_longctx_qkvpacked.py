@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # lightning_sp, uninstalled
 import common  # noqa: E402
 
 import lightning_sp  # noqa: E402
@@ -47,14 +48,14 @@ def parse_args(argv=None):
 def configs(args, world):
     """(shape, ulysses, layout, backend) in run order; layouts collapse to one when the ring degree is 1."""
     for kv, seq_len, fwd_only in common.shape_configs(args):
-        for u in args.ulysses_degree:
+        for u in dict.fromkeys(args.ulysses_degree):
             ring = world // u if u >= 1 and world % u == 0 else None
             if ring is None:  # one error record is enough
                 yield (kv, seq_len, fwd_only), u, args.ring_impl_type[0], args.backend[0]
                 continue
             layouts = args.ring_impl_type if ring > 1 else [args.ring_impl_type[0]]
             for layout in dict.fromkeys(layouts):
-                for backend in args.backend:
+                for backend in dict.fromkeys(args.backend):
                     yield (kv, seq_len, fwd_only), u, layout, backend
 
 

@@ -18,6 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # lightning_sp, uninstalled
 import common  # noqa: E402
 
 from lightning_sp.kernels import backends, select_kernel  # noqa: E402
@@ -81,7 +82,7 @@ def main(argv=None) -> list[dict]:
     dtype = common.DTYPES[args.dtype]
     records = []
     for kv, seq_len, fwd_only in common.shape_configs(args):
-        for backend in args.backend:
+        for backend in dict.fromkeys(args.backend):
             record = run_config(args, kv, seq_len, fwd_only, backend, device, dtype)
             line = common.describe(record)
             if record["error"] is None:

@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     dtype = common.DTYPES[args.dtype]
     mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("cp",))
     for kv, seq_len, fwd_only in common.shape_configs(args):
-        for sdpa_backend in args.sdpa_backend:
-            for rotate in args.rotate:
+        for sdpa_backend in dict.fromkeys(args.sdpa_backend):
+            for rotate in dict.fromkeys(args.rotate):
                 record = run_config(args, mesh, kv, seq_len, fwd_only, sdpa_backend, rotate, device, dtype, world)
                 if rank == 0:
                     print(common.describe(record), flush=True)

@@ -7,14 +7,14 @@
 # forward+backward and forward only:
 #   ours       ulysses 1 x ring 2 in each layout (basic, zigzag, stripe) and ulysses 2 x ring 1, backends fa4 and cudnn
 #   single_gpu the one-GPU ceiling (fa4, cudnn): perfect scaling on 2 GPUs = its time / 2
-#   torch_cp   torch's context_parallel with cuDNN SDPA (allgather rotation)
+#   torch_cp   torch's context_parallel with cuDNN SDPA (allgather rotation); for GQA also with flash SDPA
 # then one profiled run (128K MHA fwd+bwd, zigzag and pure Ulysses) and the summary table.
 # Every launch has a time limit; a launch that fails or hangs gets a failure record and the suite goes on.
 # Records: OUT_DIR/attention.jsonl (profiled runs: OUT_DIR/profile.jsonl, traces in OUT_DIR/profile/),
 # figures: OUT_DIR/plots/, everything the launches print: OUT_DIR/suite.log.
 #
 # Overrides for other machines or a CPU smoke run (environment): NPROC, SEQS, KVS, NHEADS, HEAD_DIM, DTYPE,
-# PYTHON, BACKENDS, SINGLE_BACKENDS, SDPA, PROFILE (0 = skip the profiled run), SHORT_WARMUP/SHORT_ITERS (seq <= 32K),
+# PYTHON, BACKENDS, SINGLE_BACKENDS, SDPA, SDPA_GQA, PROFILE (0 = skip the profiled run), SHORT_WARMUP/SHORT_ITERS (seq <= 32K),
 # LONG_WARMUP/LONG_ITERS, LIMIT_SHORT/LIMIT_LONG (seconds per launch), BUDGET (seconds for all launches).
 set -u
 
@@ -28,14 +28,17 @@ DTYPE=${DTYPE:-bf16}
 BACKENDS=${BACKENDS:-"fa4 cudnn"}
 SINGLE_BACKENDS=${SINGLE_BACKENDS:-$BACKENDS}
 SDPA=${SDPA:-cudnn}
+SDPA_GQA=${SDPA_GQA:-"$SDPA flash"}  # for KV heads < heads: flash too, in case this torch's CP cannot run cuDNN with GQA
 PROFILE=${PROFILE:-1}
 SHORT_WARMUP=${SHORT_WARMUP:-3}; SHORT_ITERS=${SHORT_ITERS:-20}
 LONG_WARMUP=${LONG_WARMUP:-2};   LONG_ITERS=${LONG_ITERS:-5}
 LIMIT_SHORT=${LIMIT_SHORT:-150}; LIMIT_LONG=${LIMIT_LONG:-240}
 BUDGET=${BUDGET:-540}  # seconds for all launches; later ones are skipped (and recorded) so the summary always prints
 
-export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}  # no NVLink multicast (the machines' rule)
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1} NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # lightning_sp from this checkout, installed or not
 mkdir -p "$OUT"
 RESULTS="$OUT/attention.jsonl"
 LOG="$OUT/suite.log"
@@ -89,14 +92,16 @@ for S in $SEQS; do
     if [ "$S" -le 32768 ]; then W=$SHORT_WARMUP; I=$SHORT_ITERS; LIMIT=$LIMIT_SHORT
     else W=$LONG_WARMUP; I=$LONG_ITERS; LIMIT=$LIMIT_LONG; fi
     COMMON="$SHAPE --seq_len $S --mode fwd_bwd fwd --warmup $W --iters $I --out $RESULTS"
+    # the ceiling first: every row of the summary is measured against it
+    run single_gpu "$LIMIT" "$RESULTS" "$S" "$KVS" $PY benchmark/benchmark_qkvpacked_func.py $COMMON \
+        --kv_heads $KVS --backend $SINGLE_BACKENDS --world "$NPROC"
     for KV in $KVS; do
         run ours "$LIMIT" "$RESULTS" "$S" "$KV" $TORCHRUN benchmark/benchmark_longctx_qkvpacked.py $COMMON \
             --kv_heads "$KV" --ulysses_degree 1 2 --ring_impl_type basic zigzag stripe --backend $BACKENDS
+        if [ "$KV" -lt "$NHEADS" ]; then CP_SDPA=$SDPA_GQA; else CP_SDPA=$SDPA; fi
         run torch_cp "$LIMIT" "$RESULTS" "$S" "$KV" $TORCHRUN benchmark/benchmark_torch_cp.py $COMMON \
-            --kv_heads "$KV" --sdpa_backend $SDPA --rotate allgather
+            --kv_heads "$KV" --sdpa_backend $CP_SDPA --rotate allgather
     done
-    run single_gpu "$LIMIT" "$RESULTS" "$S" "$KVS" $PY benchmark/benchmark_qkvpacked_func.py $COMMON \
-        --kv_heads $KVS --backend $SINGLE_BACKENDS --world "$NPROC"
 done
 
 if [ "$PROFILE" != 0 ]; then
