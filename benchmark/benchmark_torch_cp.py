@@ -54,7 +54,7 @@ def run_config(args, mesh, kv, seq_len, fwd_only, sdpa_backend, rotate, device, 
     record = common.base_record(
         "torch_cp", args, device, world, kv_heads=kv, seq_len=seq_len, fwd_only=fwd_only, ulysses=1, ring=world,
         layout=None, backend=sdpa_backend, kernel=sdpa_backend, sdpa_backend=sdpa_backend, rotate=rotate,
-        load_balance=None, config=f"{sdpa_backend} {rotate}")
+        load_balance=None, sdpa_patched=None, config=f"{sdpa_backend} {rotate}")
     step = None
     try:
         context_parallel, set_rotate_method, options = cp_api()
@@ -64,7 +64,11 @@ def run_config(args, mesh, kv, seq_len, fwd_only, sdpa_backend, rotate, device, 
         q = torch.randn(b, h, seq_len, d, generator=g, device=device, dtype=dtype)
         k, v = (torch.randn(b, kv, seq_len, d, generator=g, device=device, dtype=dtype) for _ in range(2))
         gqa = {"enable_gqa": True} if kv != h else {}
+        plain_sdpa = F.scaled_dot_product_attention
         with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2], no_restore_buffers={q, k, v}):
+            # False would mean this torch's CP does not route F.scaled_dot_product_attention to its ring
+            # (then the timing is of local attention only)
+            record["sdpa_patched"] = F.scaled_dot_product_attention is not plain_sdpa
             if options is not None:
                 record["load_balance"] = bool(options.enable_load_balance)
                 record["layout"] = "zigzag" if options.enable_load_balance else "contiguous"

@@ -83,6 +83,9 @@ def summary(records) -> str:
             mem = f", {cp['peak_mem_gib']:.2f} GiB" if cp.get("peak_mem_gib") is not None else ""
             refs.append(f"torch_cp {cp['sdpa_backend']}/{cp['rotate']} {cp['time_ms']:.1f} ms{mem}")
         lines.append("   " + (" | ".join(refs) or "no single-GPU or torch CP reference"))
+        if cp is not None and (cp.get("sdpa_patched") is False or (
+                ref_kernel and cp["time_ms"] < 0.95 * single[ref_kernel]["time_ms"] / cp["world"])):
+            lines.append("   ! torch CP beats perfect scaling or did not patch SDPA: it may not be running its ring")
         rows = ours_sorted(group)
         if rows:
             lines.append(f"   {'ours':28s} {'ms':>9s} {'TF/s/GPU':>8s} {'%perf-' + (ref_kernel or '?'):>10s} "

@@ -139,6 +139,7 @@ def test_torch_cp_fails_clearly_on_cpu(launches):
         assert RECORD_FIELDS <= set(r) and r["name"] == "torch_cp" and r["sdpa_backend"] == "flash"
         assert "sharding strategy" in r["error"] and "GPUs only" in r["error"]
         assert r["load_balance"] is True and r["layout"] == "zigzag"  # 64 tokens split head-tail over 2 ranks
+        assert r["sdpa_patched"] is True
 
 
 def test_plot_summary_and_figures(launches, capsys):
