@@ -3,6 +3,7 @@ block kernel on Hopper. q, k, v are (b, s, h, d) as in our contract; causal and 
 bottom-right as ours; the lse comes back as float32 (b, h, s); varlen is native."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -25,8 +26,14 @@ class FA4Kernel(BlockKernel):
     supports_window = True
     supports_unequal_causal = True
 
+    @functools.cache
     def available(self) -> bool:
-        return torch.cuda.is_available() and importlib.util.find_spec("flash_attn.cute") is not None
+        if not torch.cuda.is_available():
+            return False
+        try:
+            return importlib.util.find_spec("flash_attn.cute") is not None
+        except ModuleNotFoundError:  # no flash_attn package at all
+            return False
 
     def decline(self, q, k, causal, window):
         if q.device.type != "cuda":
@@ -43,7 +50,7 @@ class FA4Kernel(BlockKernel):
 
     def _forward(self, q, k, v, causal, scale, window):
         out, lse = _interface()._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=causal,
-                                                return_lse=True, **_window_args(window))
+                                                return_lse=True, **_window_args(window))[:2]
         return out, lse
 
     def _backward(self, dout, q, k, v, out, lse, causal, scale, window):
@@ -56,7 +63,7 @@ class FA4Kernel(BlockKernel):
         out, lse = _interface()._flash_attn_fwd(
             q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=_max_len(cu_q),
             max_seqlen_k=_max_len(cu_k), softmax_scale=scale, causal=causal, return_lse=True,
-            **_window_args(window))
+            **_window_args(window))[:2]
         return out, lse
 
     def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, *, causal=False, softmax_scale=None,

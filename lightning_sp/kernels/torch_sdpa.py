@@ -66,9 +66,10 @@ class CudnnKernel(_AtenKernel):
         return r[0].transpose(1, 2), r[1].reshape(q.shape[0], q.shape[2], q.shape[1])
 
     def _backward(self, dout, q, k, v, out, lse, causal, scale, window):
+        # no dropout: no philox state; undefined cum_seq tensors select the dense (not nested) path
         empty = torch.empty(0, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-            *_bhsd(dout, q, k, v, out), lse.unsqueeze(-1), empty, empty, None, empty, empty,
+            *_bhsd(dout, q, k, v, out), lse.unsqueeze(-1), empty, empty, None, None, None,
             q.shape[1], k.shape[1], 0.0, causal, scale=scale)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
@@ -83,7 +84,7 @@ class FlashKernel(_AtenKernel):
     def _backward(self, dout, q, k, v, out, lse, causal, scale, window):
         empty = torch.empty(0, device=q.device)
         dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-            *_bhsd(dout, q, k, v, out), lse, empty, empty, q.shape[1], k.shape[1], 0.0, causal,
+            *_bhsd(dout, q, k, v, out), lse, None, None, q.shape[1], k.shape[1], 0.0, causal,
             empty, empty, scale=scale)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
