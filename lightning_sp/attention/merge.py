@@ -1,4 +1,6 @@
-"""Accumulating block outputs through their log-sum-exp, in float32 (float64 stays float64)."""
+"""Summing block results: outputs merged through their log-sum-exp, gradients added. Both stay in
+the kernel's own dtype while a single block covers every row, and move to float32 (float64 stays
+float64) at the first real merge, so a sum of several blocks is rounded once, at the end."""
 from __future__ import annotations
 
 import torch
@@ -13,11 +15,37 @@ def take(x: torch.Tensor, sel, dim: int) -> torch.Tensor:
     return x.index_select(dim, sel)
 
 
-def add_at(acc: torch.Tensor, sel, dim: int, value: torch.Tensor) -> None:
-    if isinstance(sel, slice):
-        take(acc, sel, dim).add_(value)
-    else:
-        acc.index_add_(dim, sel, value.to(acc.dtype))
+def _whole(sel) -> bool:
+    return isinstance(sel, slice) and sel == slice(None)
+
+
+class PartialSum:
+    """A running sum of per-block gradients over rows of a tensor of ``shape``."""
+
+    def __init__(self, shape, dtype, device, seq_dim: int, start: torch.Tensor | None = None):
+        self.shape, self.acc_dtype, self.device, self.seq_dim = shape, lse_dtype(dtype), device, seq_dim
+        self.value = start  # a block result kept as it came, or the float32 sum
+
+    def _widen(self):
+        if self.value is None:
+            self.value = torch.zeros(self.shape, dtype=self.acc_dtype, device=self.device)
+        elif self.value.dtype != self.acc_dtype:
+            self.value = self.value.to(self.acc_dtype)
+
+    def add(self, sel, part: torch.Tensor) -> None:
+        if self.value is None and _whole(sel):
+            self.value = part
+            return
+        self._widen()
+        if isinstance(sel, slice):
+            take(self.value, sel, self.seq_dim).add_(part)
+        else:
+            self.value.index_add_(self.seq_dim, sel, part.to(self.acc_dtype))
+
+    def result(self, dtype) -> torch.Tensor:
+        if self.value is None:
+            return torch.zeros(self.shape, dtype=dtype, device=self.device)
+        return self.value.to(dtype)
 
 
 class OutputAccumulator:
@@ -30,31 +58,32 @@ class OutputAccumulator:
 
     def add(self, sel, out: torch.Tensor, lse: torch.Tensor) -> None:
         """Merge a block result for rows ``sel``: out like q's rows, lse like q.shape[:-1]."""
-        whole = isinstance(sel, slice) and sel == slice(None)
-        if self.out is None and whole:  # the first block covering every row: nothing to merge with
-            self.out, self.lse = out.to(self.dtype), lse.to(self.dtype)
+        if self.out is None and _whole(sel):  # the first block covering every row: nothing to merge with
+            self.out, self.lse = out, lse.to(self.dtype)
             return
         if self.out is None:
             self.out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
             self.lse = torch.full(self.shape[:-1], float("-inf"), dtype=self.dtype, device=self.device)
+        elif self.out.dtype != self.dtype:
+            self.out = self.out.to(self.dtype)
         d = self.seq_dim
-        acc_out, acc_lse = take(self.out, sel, d), take(self.lse, sel, d)
-        new_out, new_lse = merge(acc_out, acc_lse, out, lse.to(self.dtype))
         if isinstance(sel, slice):
-            acc_out.copy_(new_out)
-            acc_lse.copy_(new_lse)
+            merge_(take(self.out, sel, d), take(self.lse, sel, d), out, lse.to(self.dtype))
         else:
-            self.out.index_copy_(d, sel, new_out)
-            self.lse.index_copy_(d, sel, new_lse)
+            acc_out, acc_lse = take(self.out, sel, d), take(self.lse, sel, d)
+            merge_(acc_out, acc_lse, out, lse.to(self.dtype))
+            self.out.index_copy_(d, sel, acc_out)
+            self.lse.index_copy_(d, sel, acc_lse)
 
 
-def merge(out_a, lse_a, out_b, lse_b):
-    """Softmax-weighted combination of two partial attentions over disjoint keys (-inf lse = empty)."""
+def merge_(out_a, lse_a, out_b, lse_b) -> None:
+    """In place: (out_a, lse_a) becomes the softmax-weighted combination of two partial attentions
+    over disjoint keys (lse -inf = no key seen)."""
     m = torch.maximum(lse_a, lse_b)
-    m = m.masked_fill(m == float("-inf"), 0.0)
-    wa, wb = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    m.masked_fill_(m == float("-inf"), 0.0)
+    wa, wb = (lse_a - m).exp_(), (lse_b - m).exp_()
     total = wa + wb
-    lse = m + torch.log(total)
-    inv = 1.0 / total.clamp_min(torch.finfo(total.dtype).tiny)
-    out = out_a * (wa * inv).unsqueeze(-1) + out_b.to(out_a.dtype) * (wb * inv).unsqueeze(-1)
-    return out, lse
+    lse_a.copy_(total.log().add_(m))
+    inv = total.clamp_min_(torch.finfo(total.dtype).tiny).reciprocal_()
+    out_a.mul_(wa.mul_(inv).unsqueeze(-1)).addcmul_(out_b, wb.mul_(inv).unsqueeze(-1))
+

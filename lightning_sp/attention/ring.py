@@ -12,7 +12,7 @@ from ..comm import RingExchange
 from ..kernels import lse_dtype, select_kernel
 from ..layout import block_schedule
 from ..mesh import SPMesh
-from .merge import OutputAccumulator, add_at, take
+from .merge import OutputAccumulator, PartialSum, take
 
 
 @dataclass(frozen=True)
@@ -138,35 +138,33 @@ def ring_forward(spec: RingSpec, q, k, v):
 
 
 def ring_backward(spec: RingSpec, plan: StepPlan, dout, q, k, v, out, lse):
-    """dq, dk, dv; dK/dV accumulators travel the ring with their K/V block and end at its owner."""
+    """dq, dk, dv; dK/dV sums travel the ring with their K/V block and end at its owner."""
     d = spec.seq_dim
-    acc_dtype = lse_dtype(q.dtype)
     lse_k = lse.transpose(-1, -2).contiguous()  # kernel layout: (b, h, s) or (h, t)
     ring = RingExchange(spec.mesh) if spec.mesh.ring_size > 1 else None
-    dq = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-    kv, dkv_pending = [k, v], None
+    dq = PartialSum(q.shape, q.dtype, q.device, d)
+    kv, dkv_pending, last = [k, v], None, len(plan.steps) - 1
     for step, calls in enumerate(plan.steps):
-        kv_pending = ring.start(kv) if step + 1 < len(plan.steps) else None
-        dk = torch.zeros(k.shape, dtype=acc_dtype, device=k.device)
-        dv = torch.zeros(v.shape, dtype=acc_dtype, device=v.device)
-        for call in calls:
-            gq, gk, gv = _kernel_backward(spec, call, dout, q, *kv, out, lse_k)
-            add_at(dq, call.q_sel, d, gq)
-            add_at(dk, call.k_sel, d, gk)
-            add_at(dv, call.k_sel, d, gv)
-        if dkv_pending is not None:  # what the previous rank accumulated for this same K/V block
-            dk_prev, dv_prev = dkv_pending.wait()
-            dk += dk_prev
-            dv += dv_prev
-        if ring is not None and step + 1 < len(plan.steps):
-            dkv_pending = ring.start([dk, dv])
-        elif ring is not None:  # the last hop delivers finished sums to their owner: send them rounded
-            dkv_pending = ring.start([dk.to(k.dtype), dv.to(v.dtype)])
+        kv_pending = ring.start(kv) if step < last else None
+        grads = [(call, _kernel_backward(spec, call, dout, q, *kv, out, lse_k)) for call in calls]
+        # what the previous rank summed for this same K/V block (it arrived while we computed)
+        dk_prev, dv_prev = dkv_pending.wait() if dkv_pending is not None else (None, None)
+        dk = PartialSum(k.shape, k.dtype, k.device, d, start=dk_prev)
+        dv = PartialSum(v.shape, v.dtype, v.device, d, start=dv_prev)
+        for call, (gq, gk, gv) in grads:
+            dq.add(call.q_sel, gq)
+            dk.add(call.k_sel, gk)
+            dv.add(call.k_sel, gv)
+        if ring is not None:  # partial sums travel in float32; the last hop delivers finished sums, rounded
+            wire = (k.dtype, v.dtype) if step == last else (dk.acc_dtype, dv.acc_dtype)
+            dkv_pending = ring.start([dk.result(wire[0]), dv.result(wire[1])])
         if kv_pending is not None:
             kv = kv_pending.wait()
     if dkv_pending is not None:
-        dk, dv = dkv_pending.wait()
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dk_final, dv_final = dkv_pending.wait()
+    else:
+        dk_final, dv_final = dk.result(k.dtype), dv.result(v.dtype)
+    return dq.result(q.dtype), dk_final, dv_final
 
 
 class _RingAttention(torch.autograd.Function):
