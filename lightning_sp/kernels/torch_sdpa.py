@@ -100,8 +100,10 @@ class EfficientKernel(_AtenKernel):
 
     def _backward(self, dout, q, k, v, out, lse, causal, scale, window):
         empty = torch.empty(0, device=q.device)
+        # the kernel wants the lse laid out as its forward wrote it: rows padded to a multiple of 32
+        lse = torch.nn.functional.pad(lse, (0, -lse.shape[-1] % 32)).contiguous()
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            *_bhsd(dout, q, k, v), None, out.transpose(1, 2), lse.contiguous(), empty, empty, 0.0,
+            *_bhsd(dout, q, k, v), None, out.transpose(1, 2), lse, empty, empty, 0.0,
             [True, True, True, False], causal, scale=scale)
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
