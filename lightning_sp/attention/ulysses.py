@@ -44,26 +44,21 @@ def _heads_to_seq(ys, group, U):
     return outs
 
 
-class _SeqToHeads(torch.autograd.Function):
+class _AllToAll(torch.autograd.Function):
+    """_seq_to_heads when ``to_heads``, else _heads_to_seq; each one's backward is the other."""
+
     @staticmethod
-    def forward(ctx, group, U, *xs):
-        ctx.group, ctx.U = group, U
-        return tuple(_seq_to_heads(xs, group, U))
+    def forward(ctx, group, U, to_heads, *xs):
+        ctx.group, ctx.U, ctx.to_heads = group, U, to_heads
+        return tuple(_REDISTRIBUTE[to_heads](xs, group, U))
 
     @staticmethod
     def backward(ctx, *grads):
-        return (None, None, *_heads_to_seq([g.contiguous() for g in grads], ctx.group, ctx.U))
+        grads = [g.contiguous() for g in grads]
+        return (None, None, None, *_REDISTRIBUTE[not ctx.to_heads](grads, ctx.group, ctx.U))
 
 
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, group, U, *ys):
-        ctx.group, ctx.U = group, U
-        return tuple(_heads_to_seq(ys, group, U))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None, None, *_seq_to_heads([g.contiguous() for g in grads], ctx.group, ctx.U))
+_REDISTRIBUTE = {True: _seq_to_heads, False: _heads_to_seq}
 
 
 def check_heads(q_heads: int, kv_heads: int, ulysses_size: int) -> None:
@@ -82,8 +77,8 @@ def seq_to_heads(q, k, v, group, U):
     rep = math.lcm(k.shape[2], U) // k.shape[2]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    return _SeqToHeads.apply(group, U, q, k, v)
+    return _AllToAll.apply(group, U, True, q, k, v)
 
 
 def heads_to_seq(out, group, U):
-    return _HeadsToSeq.apply(group, U, out)[0]
+    return _AllToAll.apply(group, U, False, out)[0]
