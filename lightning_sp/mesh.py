@@ -81,12 +81,19 @@ def _default_device_type() -> str:
     return "cpu"
 
 
+# Meshes already built over the current default process group. Process groups are never freed
+# while the default group lives, and each costs threads and sockets, so asking twice for the same
+# mesh must not build it twice.
+_built: dict[tuple, SPMesh] = {}
+
+
 def init_sp_mesh(ulysses_degree: int = 1, ring_degree: int = 1, device_type: str | None = None) -> SPMesh:
     """Build the dp x ring x ulysses mesh over the default process group.
 
-    Collective: every rank must call it with the same arguments. It may be called again (with the
-    same or other degrees); each call makes new groups. Without an initialized process group it
-    returns the single-process mesh, which only accepts degrees of 1.
+    Collective: every rank must call it with the same arguments. It may be called again: the same
+    degrees give the same mesh (its groups are made once per default process group), other
+    degrees a new one. Without an initialized process group it returns the single-process mesh,
+    which only accepts degrees of 1.
     """
     if not dist.is_available() or not dist.is_initialized():
         check_degrees(1, ulysses_degree, ring_degree)
@@ -94,6 +101,23 @@ def init_sp_mesh(ulysses_degree: int = 1, ring_degree: int = 1, device_type: str
     world = dist.get_world_size()
     dp = check_degrees(world, ulysses_degree, ring_degree)
     device_type = device_type or _default_device_type()
+    key = (id(dist.group.WORLD), world, ulysses_degree, ring_degree, device_type)
+    cached = _built.get(key)
+    if cached is not None and cached.ring_group is not None and _alive(cached):
+        return cached
+    _built[key] = mesh = _build(dp, ulysses_degree, ring_degree, device_type)
+    return mesh
+
+
+def _alive(mesh: SPMesh) -> bool:
+    """False once the default group the mesh was built on has been destroyed (ids can be reused)."""
+    try:
+        return dist.get_process_group_ranks(mesh.ring_group) is not None
+    except (RuntimeError, ValueError, KeyError):
+        return False
+
+
+def _build(dp: int, ulysses_degree: int, ring_degree: int, device_type: str) -> SPMesh:
     mesh = init_device_mesh(device_type, (dp, ring_degree, ulysses_degree), mesh_dim_names=MESH_DIMS)
     sp_mesh = mesh["ring", "ulysses"]._flatten("sp")
     ring_group = mesh.get_group("ring")

@@ -152,3 +152,20 @@ def error_message(case: str) -> str:
         if case == "ulysses_on_ring":
             lightning_sp.UlyssesAttention(mesh)(x, x, x)
     return str(info.value)
+
+
+def mesh_reuse_case() -> dict:
+    """init_sp_mesh called again with the same degrees returns the same mesh and makes no groups."""
+    def threads():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Threads:"))
+
+    first = lightning_sp.init_sp_mesh(ulysses_degree=2, ring_degree=2)
+    before = threads()
+    again = [lightning_sp.init_sp_mesh(ulysses_degree=2, ring_degree=2) for _ in range(5)]
+    after = threads()
+    other = lightning_sp.init_sp_mesh(ulysses_degree=1, ring_degree=4)
+    assert all(m is first for m in again)
+    assert other is not first and other.ring_size == 4
+    assert lightning_sp.init_sp_mesh(ulysses_degree=1, ring_degree=4) is other
+    return {"threads_before": before, "threads_after": after}
