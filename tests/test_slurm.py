@@ -1,0 +1,193 @@
+"""SLURM: environment helpers (fast), and a real slurmctld/slurmd on this machine (slow tier): the sbatch
+template completes, a signalled job checkpoints at a step boundary, requeues and resumes to the same
+losses as an uninterrupted run; the submitit launcher configs compose and run."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from lightning_sp.slurm import SlurmJob, expand_hostlist, hpc_checkpoint_path, requeue_command
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+# ------------------------------------------------------------------------------ fast: environment handling
+def test_hostlists_expand_like_scontrol():
+    assert expand_hostlist("gpu[01-03,7],login1") == ["gpu01", "gpu02", "gpu03", "gpu7", "login1"]
+    assert expand_hostlist("node1") == ["node1"]
+    assert expand_hostlist("a[8-10]-ib") == ["a8-ib", "a9-ib", "a10-ib"]
+
+
+def test_a_two_node_job_gives_ranks_rendezvous_and_requeue_target():
+    env = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS_PER_NODE": "8(x2)",
+           "SLURM_NTASKS": "16", "SLURM_JOB_NUM_NODES": "2", "SLURM_PROCID": "11", "SLURM_LOCALID": "3",
+           "SLURM_NODEID": "1", "SLURM_RESTART_COUNT": "2"}
+    job = SlurmJob.from_env(env)
+    assert (job.world_size, job.global_rank, job.local_rank, job.node_rank) == (16, 11, 3, 1)
+    assert job.main_address == "gpu07" and job.nodes == ["gpu07", "gpu08"]
+    assert job.main_port == 20000 + (4242 * 10 + 2) % 20000
+    assert job.main_port != SlurmJob.from_env(dict(env, SLURM_RESTART_COUNT="3")).main_port
+    assert requeue_command(job) == ["scontrol", "requeue", "4242"]
+    job.check_trainer(devices=8, num_nodes=2)
+    with pytest.raises(ValueError, match="--ntasks-per-node=4 --nodes=2"):
+        job.check_trainer(devices=4, num_nodes=2)
+    array = SlurmJob.from_env(dict(env, SLURM_ARRAY_JOB_ID="4240", SLURM_ARRAY_TASK_ID="2"))
+    assert requeue_command(array)[-1] == "4240_2"
+    assert SlurmJob.from_env({}) is None
+
+
+def test_the_next_hpc_checkpoint_is_numbered_after_the_newest(tmp_path):
+    assert hpc_checkpoint_path(tmp_path).name == "hpc_ckpt_1.ckpt"
+    (tmp_path / "hpc_ckpt_1.ckpt").touch()
+    (tmp_path / "hpc_ckpt_9.ckpt").touch()
+    assert hpc_checkpoint_path(tmp_path).name == "hpc_ckpt_10.ckpt"
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "slurm_cpu", "local_submitit"])
+def test_submitit_launcher_configs_tie_tasks_and_nodes_to_the_trainer(launcher):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "trainer.devices=8", "trainer.num_nodes=2"],
+                      return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    if launcher == "local_submitit":  # Lightning's launcher starts the processes: one submitit task
+        assert params["_target_"].endswith("LocalLauncher") and params["tasks_per_node"] == 1
+        return
+    assert params["_target_"].endswith("SlurmLauncher")
+    assert (params["tasks_per_node"], params["nodes"]) == (8, 2)
+    assert params["gpus_per_node"] == (8 if launcher == "slurm" else None)
+    assert params["signal_delay_s"] > 0 and params["max_num_timeout"] == 0
+    assert params["additional_parameters"]["requeue"] is True
+
+
+def test_submitit_renders_the_expected_sbatch_parameters(tmp_path):
+    """The sbatch file submitit writes for the `slurm` launcher, built the way the Hydra plugin builds its executor."""
+    submitit = pytest.importorskip("submitit")
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=gpu", "trainer.devices=8", "trainer.num_nodes=2"],
+                      return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    params.pop("_target_")
+    executor = submitit.AutoExecutor(cluster="slurm", folder=str(tmp_path), slurm_max_num_timeout=params.pop("max_num_timeout"))
+    params.pop("submitit_folder")
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    text = executor._executor._make_submission_file_text("python -m submitit.core._submit X", "uid")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "export MASTER_PORT="):
+        assert line in text, (line, text)
+
+
+# ------------------------------------------------------------------------------ slow: a real SLURM
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    from slurm_cluster import LocalSlurm, SlurmUnavailable
+    cluster = LocalSlurm(tmp_path_factory.mktemp("slurm"), cpus=8)
+    try:
+        cluster.start()
+    except SlurmUnavailable as error:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI needs a real SLURM for the SLURM tests: {error}")
+        pytest.skip(f"no SLURM on this machine: {error}")
+    yield cluster
+    cluster.stop()
+
+
+def _steps(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, train/loss) of every logged step, over all logger versions in order (one per job start)."""
+    rows = []
+    for version in sorted((run_dir / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1])):
+        with open(version / "metrics.csv") as f:
+            rows += [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+    return rows
+
+
+def _submit(slurm, run_dir: Path, *overrides: str) -> str:
+    run_dir.mkdir(parents=True)
+    out = slurm.run("sbatch", "--parsable", f"--output={run_dir}/slurm.out", str(ROOT / "recipes/slurm/train_cpu.sbatch"),
+                    *overrides, cwd=ROOT,
+                    env={"RUN_DIR": str(run_dir), "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+                         "PYTHON": sys.executable})
+    return out.stdout.strip().split(";")[0]
+
+
+def _finished(state: str) -> bool:
+    return state in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
+def _log(run_dir):
+    path = run_dir / "slurm.out"
+    return path.read_text()[-4000:] if path.exists() else "(no output)"
+
+
+STEPS = 8
+JOB = ["experiment=cpu_smoke", f"trainer.max_steps={STEPS}"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_sbatch_job_requeued_mid_run_resumes_to_the_uninterrupted_losses(slurm, tmp_path):
+    """Two jobs at once (the node has 8 CPUs): one runs through, one is signalled after step 3."""
+    beacon = tmp_path / "signalled" / "step"
+    callbacks = ("trainer.callbacks=[{_target_:lightning_sp.slurm.SLURMRequeue},"
+                 f"{{_target_:slurm_helpers.StepBeacon,path:{beacon},pause_s:3}}]")
+    plain = _submit(slurm, tmp_path / "plain", *JOB)
+    signalled = _submit(slurm, tmp_path / "signalled", *JOB, callbacks)
+
+    deadline = time.time() + 900
+    while not (beacon.exists() and int(beacon.read_text() or 0) >= 3):
+        state = slurm.job_field(signalled, "JobState")
+        assert not _finished(state), f"job ended ({state}) before step 3:\n{_log(tmp_path / 'signalled')}"
+        if time.time() > deadline:
+            slurm.run("scancel", signalled, plain, check=False)
+            pytest.fail(f"job {signalled} never reached step 3:\n{_log(tmp_path / 'signalled')}")
+        time.sleep(0.5)
+    slurm.run("scancel", "--signal=USR1", signalled)  # to the job's tasks, as --signal=USR1@T does
+
+    slurm.wait(signalled, lambda s: slurm.job_field(signalled, "Restarts") not in ("", "0"), timeout=300)
+    # a requeued job waits for its begin time; release it so the test does not wait minutes
+    slurm.run("scontrol", "release", signalled, check=False)
+    for job, name in ((plain, "plain"), (signalled, "signalled")):
+        state = slurm.wait(job, _finished, timeout=900, poll=2)
+        assert state == "COMPLETED", f"{name} job {job}: {state}\n{_log(tmp_path / name)}"
+
+    assert slurm.job_field(signalled, "Restarts") == "1"
+    ckpts = sorted(p.name for p in (tmp_path / "signalled").glob("hpc_ckpt_*.ckpt"))
+    assert ckpts == ["hpc_ckpt_1.ckpt"], ckpts
+    reference, resumed = _steps(tmp_path / "plain"), _steps(tmp_path / "signalled")
+    assert [s for s, _ in reference] == list(range(STEPS))
+    # no step lost or repeated: the first run's steps, then the resumed run's, are 0..STEPS-1 once each
+    assert [s for s, _ in resumed] == list(range(STEPS)), resumed
+    assert len(list((tmp_path / "signalled" / "logs").glob("version_*"))) == 2  # really two job starts
+    first_run = _steps_of(tmp_path / "signalled" / "logs" / "version_0")
+    assert 3 <= len(first_run) < STEPS, first_run
+    # float32 recipe, same ops in the same order: the curves agree to rounding
+    for (step, want), (_, got) in zip(reference, resumed):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6), (step, want, got)
+    assert "restart 1" in (tmp_path / "signalled" / "slurm.out").read_text()
+
+
+def _steps_of(version: Path) -> list[int]:
+    with open(version / "metrics.csv") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_submitit_local_executor_runs_the_recipe(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    run = subprocess.run([sys.executable, str(ROOT / "recipes/train.py"), "-m", "hydra/launcher=local_submitit",
+                          f"hydra.sweep.dir={tmp_path}", "experiment=cpu_smoke"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=800)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    steps = _steps_of(tmp_path / "0" / "logs" / "version_0")
+    assert steps == list(range(6)), steps
