@@ -27,6 +27,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,6 +220,14 @@ class SLURMRequeue(Callback):
         if not ok:
             trainer.should_stop = True
             return
+        # Lightning logs this step's metrics after on_train_batch_end, which this process will not reach
+        trainer._logger_connector.update_train_step_metrics()
+        for logger in trainer.loggers:
+            logger.save()
+        # everyone has the answer before anyone leaves (a rank gone mid-collective resets its peers'
+        # connections); the pause lets the barrier's last messages land
+        trainer.strategy.barrier("lightning_sp.slurm.requeue")
         sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(2.0)
         os._exit(self.exit_code)

@@ -52,15 +52,12 @@ def test_the_next_hpc_checkpoint_is_numbered_after_the_newest(tmp_path):
     assert hpc_checkpoint_path(tmp_path).name == "hpc_ckpt_10.ckpt"
 
 
-@pytest.mark.parametrize("launcher", ["slurm", "slurm_cpu", "local_submitit"])
+@pytest.mark.parametrize("launcher", ["slurm", "slurm_cpu"])
 def test_submitit_launcher_configs_tie_tasks_and_nodes_to_the_trainer(launcher):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "trainer.devices=8", "trainer.num_nodes=2"],
                       return_hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-    if launcher == "local_submitit":  # Lightning's launcher starts the processes: one submitit task
-        assert params["_target_"].endswith("LocalLauncher") and params["tasks_per_node"] == 1
-        return
     assert params["_target_"].endswith("SlurmLauncher")
     assert (params["tasks_per_node"], params["nodes"]) == (8, 2)
     assert params["gpus_per_node"] == (8 if launcher == "slurm" else None)
@@ -154,8 +151,10 @@ def test_sbatch_job_requeued_mid_run_resumes_to_the_uninterrupted_losses(slurm, 
     slurm.run("scancel", "--signal=USR1", signalled)  # to the job's tasks, as --signal=USR1@T does
 
     slurm.wait(signalled, lambda s: slurm.job_field(signalled, "Restarts") not in ("", "0"), timeout=300)
-    # a requeued job waits for its begin time; release it so the test does not wait minutes
-    slurm.run("scontrol", "release", signalled, check=False)
+    # SLURM holds a requeued job until its begin time (about 2 minutes after the requeue): bring it
+    # forward so the test does not idle (a cluster would simply start it later)
+    slurm.wait(signalled, lambda s: s == "PENDING" or _finished(s) or s == "RUNNING", timeout=120, poll=0.5)
+    slurm.run("scontrol", "update", f"jobid={signalled}", "StartTime=now", check=False)
     for job, name in ((plain, "plain"), (signalled, "signalled")):
         state = slurm.wait(job, _finished, timeout=900, poll=2)
         assert state == "COMPLETED", f"{name} job {job}: {state}\n{_log(tmp_path / name)}"
@@ -179,15 +178,3 @@ def test_sbatch_job_requeued_mid_run_resumes_to_the_uninterrupted_losses(slurm, 
 def _steps_of(version: Path) -> list[int]:
     with open(version / "metrics.csv") as f:
         return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_submitit_local_executor_runs_the_recipe(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    run = subprocess.run([sys.executable, str(ROOT / "recipes/train.py"), "-m", "hydra/launcher=local_submitit",
-                          f"hydra.sweep.dir={tmp_path}", "experiment=cpu_smoke"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=800)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    steps = _steps_of(tmp_path / "0" / "logs" / "version_0")
-    assert steps == list(range(6)), steps
