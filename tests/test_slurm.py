@@ -178,3 +178,38 @@ def test_sbatch_job_requeued_mid_run_resumes_to_the_uninterrupted_losses(slurm, 
 def _steps_of(version: Path) -> list[int]:
     with open(version / "metrics.csv") as f:
         return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_submitit_job_on_the_local_controller_requeues_and_resumes(slurm, tmp_path):
+    """Hydra's submitit launcher submits to the real controller (no accounting: submitit falls back to its
+    result file); submitit's USR2 reaches SLURMRequeue, which requeues; the job resumes and completes."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    beacon = tmp_path / "step"
+    callbacks = ("trainer.callbacks=[{_target_:lightning_sp.slurm.SLURMRequeue},"
+                 f"{{_target_:slurm_helpers.StepBeacon,path:{beacon},pause_s:3}}]")
+    env = dict(slurm.env, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "recipes/train.py"), "-m", "hydra/launcher=slurm_cpu",
+                             f"hydra.sweep.dir={tmp_path / 'sweep'}", *JOB, callbacks],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 600
+        while not (beacon.exists() and int(beacon.read_text() or 0) >= 3):
+            assert proc.poll() is None and time.time() < deadline, "the submitit job never reached step 3"
+            time.sleep(0.5)
+        job = slurm.run("squeue", "-h", "-o", "%i").stdout.split()[0]
+        slurm.run("scancel", "--signal=USR2", job)
+        slurm.wait(job, lambda s: slurm.job_field(job, "Restarts") not in ("", "0"), timeout=300)
+        slurm.wait(job, lambda s: s in ("PENDING", "RUNNING") or _finished(s), timeout=120, poll=0.5)
+        slurm.run("scontrol", "update", f"jobid={job}", "StartTime=now", check=False)
+        out, _ = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            slurm.run("scancel", "--name=train", check=False)
+    assert proc.returncode == 0, out[-4000:]
+    assert slurm.job_field(job, "Restarts") == "1"
+    run_dir = tmp_path / "sweep" / "0"
+    assert sorted(p.name for p in run_dir.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
+    assert [s for s, _ in _steps(run_dir)] == list(range(STEPS))
