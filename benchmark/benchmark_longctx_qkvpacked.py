@@ -138,10 +138,8 @@ def main(argv=None) -> int:
     dtype = common.DTYPES[args.dtype]
     meshes: dict[int, object] = {}
     for shape, u, layout, backend in configs(args, world):
-        record = run_config(args, meshes, shape, u, layout, backend, device, dtype, rank, world)
-        if rank == 0:
-            print(common.describe(record), flush=True)
-            common.append_record(args.out, record)
+        common.report(run_config(args, meshes, shape, u, layout, backend, device, dtype, rank, world),
+                      args.out, rank)
     dist.destroy_process_group()
     return 0  # failed configurations are in the records
 

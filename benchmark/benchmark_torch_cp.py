@@ -111,9 +111,7 @@ def main(argv=None) -> int:
         for sdpa_backend in dict.fromkeys(args.sdpa_backend):
             for rotate in dict.fromkeys(args.rotate):
                 record = run_config(args, mesh, kv, seq_len, fwd_only, sdpa_backend, rotate, device, dtype, world)
-                if rank == 0:
-                    print(common.describe(record), flush=True)
-                    common.append_record(args.out, record)
+                common.report(record, args.out, rank)
     dist.destroy_process_group()
     return 0  # failed configurations are in the records
 

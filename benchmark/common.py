@@ -273,6 +273,13 @@ def error_text(exc: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
+def report(record: dict, out: str | None, rank: int = 0) -> None:
+    """Rank 0 prints the record's one-line summary and appends it to ``out``."""
+    if rank == 0:
+        print(describe(record), flush=True)
+        append_record(out, record)
+
+
 def describe(record: dict) -> str:
     """One line for the console."""
     tag = (f"{record['name']} h{record['nheads']}/kv{record['kv_heads']} S={record['seq_len']} "
