@@ -21,17 +21,9 @@ import torch.distributed as dist
 
 import lightning_sp
 from lightning_sp import layout as L
-from lightning_sp.kernels import get_kernel, select_kernel
-from lightning_sp.testing import reference_attention, sharded_rel_errors
+from lightning_sp.testing import kernel_errors, reference_attention, sharded_rel_errors
 
 NAMES = ("out", "dq", "dk", "dv")
-
-
-def single_device_errors(backend, q, k, v, dout, ref, causal):
-    kernel = select_kernel(backend, q, k, causal)
-    out, lse = kernel.forward(q, k, v, causal=causal)
-    grads = kernel.backward(dout, q, k, v, out, lse, causal=causal)
-    return kernel.name, sharded_rel_errors([out, *grads], ref)
 
 
 def distributed_errors(mesh, layout, backend, q, k, v, dout, ref, causal):
@@ -78,7 +70,7 @@ def main(argv=None):
         ref = reference_attention(q, k, v, dout, causal=causal)
         for backend in args.backends:
             try:
-                kernel_name, single = single_device_errors(backend, q, k, v, dout, ref, causal)
+                kernel_name, single = kernel_errors(backend, q, k, v, dout, ref, causal=causal)
             except Exception as exc:  # a backend not installed or declining: say so and go on
                 if rank == 0:
                     print(f"S={S} backend={backend}: skipped ({exc})", flush=True)

@@ -88,7 +88,7 @@ def position_ids(seq_len: int, mesh: SPMesh | None, layout: str, device=None) ->
     return local_indices(seq_len, mesh, layout).to(device)
 
 
-def _gather_sp(x_local: torch.Tensor, mesh: SPMesh, dim: int) -> list[torch.Tensor]:
+def _gather_sp(x_local: torch.Tensor, mesh: SPMesh) -> list[torch.Tensor]:
     parts = [torch.empty_like(x_local) for _ in range(mesh.sp_size)]
     dist.all_gather(parts, x_local.contiguous(), group=mesh.sp_group)
     return parts
@@ -106,7 +106,7 @@ def unshard(x_local: torch.Tensor, mesh: SPMesh | None, layout: str, dim: int = 
     if mesh.sp_size == 1:
         return x_local
     dim = dim % x_local.dim()
-    parts = _gather_sp(x_local, mesh, dim)
+    parts = _gather_sp(x_local, mesh)
     seq_len = x_local.shape[dim] * mesh.sp_size
     order = torch.cat([local_indices(seq_len, _sp_coords(mesh, r), layout) for r in range(mesh.sp_size)])
     full = torch.cat(parts, dim=dim)
@@ -153,7 +153,7 @@ class PackedShard:
         """Collective over the sequence-parallel group: the packed tensor in original order, pads dropped."""
         mesh = mesh or single_process_mesh()
         dim = dim % x_local.dim()
-        parts = _gather_sp(x_local, mesh, dim) if mesh.sp_size > 1 else [x_local]
+        parts = _gather_sp(x_local, mesh) if mesh.sp_size > 1 else [x_local]
         slots = [_packed_slots(self.padded_cu_seqlens, _sp_coords(mesh, r), self.layout)[0]
                  for r in range(mesh.sp_size)]
         full = torch.cat(parts, dim=dim)

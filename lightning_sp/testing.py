@@ -71,3 +71,14 @@ def sharded_rel_errors(got_local, want_local, group=None) -> list[float]:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(sums, group=group)
     return [(n / d) ** 0.5 for n, d in sums.tolist()]
+
+
+def kernel_errors(backend: str, q, k, v, dout, ref, *, causal=False):
+    """(kernel name, relative errors of out, dq, dk, dv) of one block kernel on the whole sequence:
+    the yardstick for the error of the distributed attention on the same inputs."""
+    from .kernels import select_kernel
+
+    kernel = select_kernel(backend, q, k, causal)
+    out, lse = kernel.forward(q, k, v, causal=causal)
+    got = [out, *kernel.backward(dout, q, k, v, out, lse, causal=causal)]
+    return kernel.name, [rel_error(a, b) for a, b in zip(got, ref)]

@@ -9,7 +9,7 @@ from functools import cached_property
 import torch
 
 from ..comm import RingExchange
-from ..kernels import lse_dtype, select_kernel
+from ..kernels import select_kernel
 from ..layout import block_schedule
 from ..mesh import SPMesh
 from .merge import OutputAccumulator, PartialSum, take

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import torch
 
-Window = tuple  # (left, right), None for unbounded
 NO_WINDOW = (None, None)
 
 

@@ -16,8 +16,7 @@ import torch.distributed as dist
 
 import lightning_sp
 from lightning_sp import layout as L
-from lightning_sp.kernels import select_kernel
-from lightning_sp.testing import reference_attention, rel_error, sharded_rel_errors
+from lightning_sp.testing import kernel_errors, reference_attention, sharded_rel_errors
 
 
 def setup():
@@ -35,14 +34,6 @@ def inputs(S, heads, kv_heads, head_dim, device, dtype, seed=0):
     k, v = (torch.randn(1, S, kv_heads, head_dim, generator=g, device=device, dtype=dtype) for _ in range(2))
     dout = torch.randn(1, S, heads, head_dim, generator=g, device=device, dtype=dtype)
     return q, k, v, dout
-
-
-def single_device_errors(q, k, v, dout, ref, causal):
-    """The kernel's own error on the whole sequence, the yardstick for the distributed one."""
-    kernel = select_kernel("auto", q, k, causal)
-    out, lse = kernel.forward(q, k, v, causal=causal)
-    got = [out, *kernel.backward(dout, q, k, v, out, lse, causal=causal)]
-    return [rel_error(a, b) for a, b in zip(got, ref)]
 
 
 def judge(name, errs, single, exact_split, dtype) -> bool:
@@ -68,7 +59,7 @@ def check_dense(api: str, layout: str, ulysses_degrees=(1,), heads=8, kv_heads=8
         S = (seq_per_rank or (4096 if device.type == "cuda" else 64)) * world
         q, k, v, dout = inputs(S, heads, kv_heads, head_dim, device, dtype)
         ref = reference_attention(q, k, v, dout, causal=causal)
-        single = single_device_errors(q, k, v, dout, ref, causal) if dtype != torch.float64 else None
+        single = kernel_errors("auto", q, k, v, dout, ref, causal=causal)[1] if dtype != torch.float64 else None
         for u in ulysses_degrees:
             if world % u or heads % u:
                 continue
@@ -121,7 +112,7 @@ def check_varlen(api: str, layout: str, heads=8, kv_heads=8, head_dim=128, doc_l
         errs = sharded_rel_errors(got, want)
         single = None
         if dtype != torch.float64:
-            singles = [single_device_errors(*(t[:, a:b] for t in (q, k, v, dout)), r, causal)
+            singles = [kernel_errors("auto", *(t[:, a:b] for t in (q, k, v, dout)), r, causal=causal)[1]
                        for (a, b), r in zip(zip(cu[:-1].tolist(), cu[1:].tolist()), refs)]
             single = [max(s[i] for s in singles) for i in range(4)]
         ok &= judge(f"{api} {world} ranks causal={causal}", errs, single, False, dtype)
