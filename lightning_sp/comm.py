@@ -19,17 +19,19 @@ class _Pending:
 
 
 class RingExchange:
-    """Send tensors to the next rank of the ring while receiving the previous rank's.
+    """Send tensors to the next rank of the ring while receiving the previous rank's (``reverse``:
+    to the previous, from the next).
 
     ``start`` returns at once; the transfer overlaps whatever runs before ``wait``. Each call uses
     fresh receive buffers, so the tensors being sent may be read until then (double buffering).
     """
 
-    def __init__(self, mesh: SPMesh):
+    def __init__(self, mesh: SPMesh, reverse: bool = False):
         size, rank = mesh.ring_size, mesh.ring_rank
+        step = -1 if reverse else 1
         self.group = mesh.ring_group
-        self.next_rank = mesh.ring_ranks[(rank + 1) % size]
-        self.prev_rank = mesh.ring_ranks[(rank - 1) % size]
+        self.next_rank = mesh.ring_ranks[(rank + step) % size]
+        self.prev_rank = mesh.ring_ranks[(rank - step) % size]
 
     def start(self, tensors) -> _Pending:
         tensors = [t.contiguous() for t in tensors]
@@ -39,8 +41,9 @@ class RingExchange:
         return _Pending(dist.batch_isend_irecv(ops), received)
 
 
-def all_to_all(x: torch.Tensor, group) -> torch.Tensor:
-    """x is (U, ...): slice i goes to rank i of the group; slice i of the result came from rank i."""
+def start_all_to_all(x: torch.Tensor, group) -> _Pending:
+    """x is (U, ...): slice i goes to rank i of the group; slice i of the result (``wait()[0]``) came
+    from rank i. Returns at once, like ``RingExchange.start``."""
     out = torch.empty_like(x)
-    dist.all_to_all_single(out, x.contiguous(), group=group)
-    return out
+    work = dist.all_to_all_single(out, x.contiguous(), group=group, async_op=True)
+    return _Pending([work], [out])

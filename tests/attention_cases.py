@@ -53,7 +53,7 @@ def _grads_reference(q, k, v, dout, **kw):
 
 
 def dense_case(ulysses, ring, layout, causal, heads, kv_heads, dtype=torch.float64, window=(-1, -1),
-               seq=None, batch=2, head_dim=8, backend="auto", seed=0, api="module"):
+               seq=None, batch=2, head_dim=8, backend="auto", seed=0, api="module", head_groups="auto"):
     """Distributed output and dq, dk, dv against the float64 reference; returns the relative errors."""
     mesh = lightning_sp.init_sp_mesh(ulysses_degree=ulysses, ring_degree=ring)
     S = seq or 4 * L.layout_multiple(layout, mesh)
@@ -67,7 +67,7 @@ def dense_case(ulysses, ring, layout, causal, heads, kv_heads, dtype=torch.float
     assert torch.equal(local[0].double(), q[:, idx].to(dtype).double())
     ql, kl, vl = [t.clone().requires_grad_() for t in local]
     if api == "module":
-        attn = lightning_sp.LongContextAttention(mesh, ring_impl=layout, backend=backend)
+        attn = lightning_sp.LongContextAttention(mesh, ring_impl=layout, backend=backend, head_groups=head_groups)
         out = attn(ql, kl, vl, causal=causal, softmax_scale=scale, window_size=window)
     elif api == "qkvpacked":
         qkv = torch.stack([ql, kl, vl], dim=2).detach().requires_grad_()
@@ -91,7 +91,7 @@ def dense_case(ulysses, ring, layout, causal, heads, kv_heads, dtype=torch.float
 
 
 def varlen_case(ulysses, ring, layout, causal, heads, kv_heads, doc_lengths, dtype=torch.float64,
-                window=(-1, -1), head_dim=8, seed=0, api="module"):
+                window=(-1, -1), head_dim=8, seed=0, api="module", head_groups="auto"):
     """Packed documents of uneven lengths: no attention across documents, padding per document."""
     mesh = lightning_sp.init_sp_mesh(ulysses_degree=ulysses, ring_degree=ring)
     T = sum(doc_lengths)
@@ -111,7 +111,7 @@ def varlen_case(ulysses, ring, layout, causal, heads, kv_heads, doc_lengths, dty
     assert local[0].shape[0] * mesh.sp_size == int(packed.padded_cu_seqlens[-1]), "each rank holds its share only"
     ql, kl, vl = [t.clone().requires_grad_() for t in local[:3]]
     if api == "module":
-        out = lightning_sp.LongContextAttention(mesh, ring_impl=layout)(
+        out = lightning_sp.LongContextAttention(mesh, ring_impl=layout, head_groups=head_groups)(
             ql, kl, vl, causal=causal, window_size=window, cu_seqlens=packed.cu_seqlens,
             max_seqlen=packed.max_seqlen)
     else:
@@ -149,6 +149,8 @@ def error_message(case: str) -> str:
         if case == "cu_seqlens":
             y = torch.randn(8, 4, 4)
             lightning_sp.LongContextAttention(mesh)(y, y, y, cu_seqlens=torch.tensor([0, 4, 8]), max_seqlen=4)
+        if case == "head_groups":
+            lightning_sp.LongContextAttention(mesh, head_groups=4)(x, x, x)
         if case == "ulysses_on_ring":
             lightning_sp.UlyssesAttention(mesh)(x, x, x)
     return str(info.value)

@@ -113,3 +113,17 @@ def test_seed_varlen_functions(worlds, func, causal):
 def test_qkv_packed_module(worlds, world, u, r):
     errs = _run(worlds, world, C.dense_case, u, r, "zigzag", True, 4, 4, api="qkvpacked")
     assert max(max(e.values()) for e in errs) < 1e-10
+
+
+# head groups: the Ulysses all-to-all in 1, 2 or 4 pieces overlapping attention; the result is the same
+@pytest.mark.parametrize("world,u,r,layout,causal,heads,kv,groups", [
+    (2, 2, 1, "contiguous", True, 8, 8, 4), (2, 2, 1, "contiguous", False, 8, 2, 1),
+    (4, 2, 2, "zigzag", True, 8, 4, 2), (4, 4, 1, "contiguous", True, 8, 8, 2), (4, 2, 2, "stripe", False, 8, 4, 2)])
+def test_head_groups(worlds, world, u, r, layout, causal, heads, kv, groups):
+    errs = _run(worlds, world, C.dense_case, u, r, layout, causal, heads, kv, head_groups=groups)
+    assert max(max(e.values()) for e in errs) < 1e-10
+
+
+def test_head_groups_packed_documents(worlds):
+    errs = _run(worlds, 4, C.varlen_case, 2, 2, "zigzag", True, 8, 4, DOCS_CAUSAL, head_groups=2)
+    assert max(max(e.values()) for e in errs) < 1e-10

@@ -13,6 +13,7 @@ DIST_ERRORS = {
     "odd_zigzag": r"zigzag layout needs an even number of tokens per ring rank; got 3 .* multiple of 8",
     "cu_seqlens": r"cu_seqlens ends at 8 but this rank holds 8 tokens x ulysses degree 2 = 16",
     "ulysses_on_ring": r"UlyssesAttention needs ring degree 1, the mesh has 2",
+    "head_groups": r"head_groups=4 does not split the 3 query and 3 key/value heads .* choose one of \[1, 3\]",
 }
 
 

@@ -8,8 +8,8 @@ from torch import nn
 from ..kernels import KernelError, backends
 from ..layout import canonical_layout
 from ..mesh import SPConfigError, SPMesh, single_process_mesh
-from .ring import RingSpec, ring_attention
-from .ulysses import check_heads, heads_to_seq, seq_to_heads
+from .ring import RingSpec, ring_backward, ring_forward
+from .ulysses import HeadGather, HeadScatter, check_heads, choose_head_groups, replicated_kv_heads
 
 
 def normalize_window(window_size) -> tuple:
@@ -39,10 +39,47 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
+class _HybridAttention(torch.autograd.Function):
+    """Ulysses around the ring, head group by head group: (b, s, H, d) sequence shards in and out
+    (packed documents as (1, t, H, d)); the ring sees whole-sequence head shards."""
+
+    @staticmethod
+    def forward(ctx, spec: RingSpec, groups: int, q, k, v):
+        varlen = spec.cu_seqlens is not None
+        scatter, gather = HeadScatter([q, k, v], spec.mesh, groups), HeadGather(spec.mesh, groups)
+        saved, plans, lses = [], [], []
+        for g in range(groups):
+            qg, kg, vg = (x[0] if varlen else x for x in scatter[g])
+            out, lse, plan, last_kv = ring_forward(spec, qg, kg, vg)
+            gather.send(g, [out.unsqueeze(0) if varlen else out])
+            saved += [qg, kg, vg, out, lse, *last_kv]
+            plans.append(plan)
+            lses.append(lse)
+        ctx.save_for_backward(*saved)
+        ctx.spec, ctx.groups, ctx.plans = spec, groups, plans
+        lse = torch.cat(lses, dim=-1) if groups > 1 else lses[0]
+        ctx.mark_non_differentiable(lse)
+        return gather.result()[0], lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        spec, varlen = ctx.spec, ctx.spec.cu_seqlens is not None
+        scatter, gather = HeadScatter([dout.contiguous()], spec.mesh, ctx.groups), HeadGather(spec.mesh, ctx.groups)
+        saved = ctx.saved_tensors
+        for g in range(ctx.groups):
+            dout_g = scatter[g][0]
+            q, k, v, out, lse, *last_kv = saved[7 * g:7 * g + 7]
+            grads = ring_backward(spec, ctx.plans[g], dout_g[0] if varlen else dout_g, q, k, v, out, lse, last_kv)
+            gather.send(g, [x.unsqueeze(0) for x in grads] if varlen else grads)
+        return (None, None, *gather.result())
+
+
 def long_context_attention(q, k, v, mesh: SPMesh, layout: str, *, causal=False, softmax_scale=None,
                            window_size=(-1, -1), cu_seqlens=None, max_seqlen=None, backend="auto",
-                           return_lse=False):
-    """Functional hybrid attention on this rank's tokens (see :class:`LongContextAttention`)."""
+                           head_groups="auto", return_lse=False):
+    """Functional hybrid attention on this rank's tokens (see :class:`LongContextAttention`).
+    With ``return_lse`` also the log-sum-exp in float32, (b, S/R, H/U) or (t*U, H/U) for packed
+    documents: the rows and heads this rank attended (the ring's sequence shard, its Ulysses heads)."""
     layout = canonical_layout(layout)
     window = normalize_window(window_size)
     varlen = cu_seqlens is not None
@@ -56,6 +93,7 @@ def long_context_attention(q, k, v, mesh: SPMesh, layout: str, *, causal=False, 
         k, v = k.to(q.dtype), v.to(q.dtype)
     U, R = mesh.ulysses_size, mesh.ring_size
     check_heads(q.shape[-2], k.shape[-2], U)
+    groups = choose_head_groups(q.shape[-2], k.shape[-2], U, head_groups)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if varlen:
         cu = [int(x) for x in torch.as_tensor(cu_seqlens).tolist()]
@@ -68,16 +106,11 @@ def long_context_attention(q, k, v, mesh: SPMesh, layout: str, *, causal=False, 
             raise SPConfigError(f"the zigzag layout needs an even number of tokens per ring rank; got "
                                 f"{n_ring} ({q.shape[1]} local x ulysses {U}); pad the sequence to a multiple "
                                 f"of {2 * R * U}")
-    if U > 1:
-        q, k, v = seq_to_heads(q, k, v, mesh.ulysses_group, U)
-    if varlen:
-        q, k, v = q[0], k[0], v[0]
+    rep = replicated_kv_heads(k.shape[2], U) // k.shape[2]
+    if rep > 1:  # every Ulysses rank needs whole KV heads; autograd sums the replicas' gradients
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
     spec = RingSpec(mesh, layout, causal, scale, window, _check_backend(backend), tuple(cu) if varlen else None)
-    out, lse = ring_attention(q, k, v, spec)
-    if varlen:
-        out = out.unsqueeze(0)
-    if U > 1:
-        out = heads_to_seq(out, mesh.ulysses_group, U)
+    out, lse = _HybridAttention.apply(spec, groups, q, k, v)
     if varlen:
         out = out[0]
     return (out, lse) if return_lse else out
@@ -106,14 +139,18 @@ class LongContextAttention(nn.Module):
     ``(local_tokens, heads, head_dim)`` with the local ``cu_seqlens`` of
     ``lightning_sp.layout.shard_documents``. Constructing it touches no process group; ``mesh=None``
     means "bound later" (``bind``, which the Lightning strategy calls). Unbound in a world of one
-    process it attends locally; unbound in a larger world it raises.
+    process it attends locally; unbound in a larger world it raises. ``head_groups`` splits the
+    Ulysses all-to-all into that many head groups so that communication overlaps attention
+    (``auto``: 2 where the heads allow it); the result does not depend on it.
     """
 
-    def __init__(self, mesh: SPMesh | None = None, ring_impl: str = "zigzag", backend: str = "auto"):
+    def __init__(self, mesh: SPMesh | None = None, ring_impl: str = "zigzag", backend: str = "auto",
+                 head_groups: int | str = "auto"):
         super().__init__()
         self.mesh = mesh
         self.ring_impl = canonical_layout(ring_impl)
         self.backend = _check_backend(backend)
+        self.head_groups = head_groups
 
     def bind(self, mesh: SPMesh, ring_impl: str | None = None, backend: str | None = None):
         self.mesh = mesh
@@ -136,11 +173,13 @@ class LongContextAttention(nn.Module):
                 max_seqlen=None):
         return long_context_attention(q, k, v, self.resolved_mesh(), self.ring_impl, causal=causal,
                                       softmax_scale=softmax_scale, window_size=window_size,
-                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend)
+                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend,
+                                      head_groups=self.head_groups)
 
     def extra_repr(self) -> str:
         mesh = "unbound" if self.mesh is None else self.mesh.describe()
-        return f"ring_impl={self.ring_impl!r}, backend={self.backend!r}, mesh={mesh}"
+        return (f"ring_impl={self.ring_impl!r}, backend={self.backend!r}, head_groups={self.head_groups!r}, "
+                f"mesh={mesh}")
 
 
 class LongContextAttentionQKVPacked(LongContextAttention):
@@ -155,8 +194,8 @@ class LongContextAttentionQKVPacked(LongContextAttention):
 class UlyssesAttention(LongContextAttention):
     """Pure Ulysses: the ring degree of its mesh must be 1 (on a hybrid mesh use LongContextAttention)."""
 
-    def __init__(self, mesh: SPMesh | None = None, backend: str = "auto"):
-        super().__init__(mesh, ring_impl="contiguous", backend=backend)
+    def __init__(self, mesh: SPMesh | None = None, backend: str = "auto", head_groups: int | str = "auto"):
+        super().__init__(mesh, ring_impl="contiguous", backend=backend, head_groups=head_groups)
 
     def resolved_mesh(self) -> SPMesh:
         mesh = super().resolved_mesh()

@@ -123,7 +123,8 @@ def _kernel_backward(spec: RingSpec, call: BlockCall, dout, q, k, v, out, lse_k)
 
 
 def ring_forward(spec: RingSpec, q, k, v):
-    """(out in q's dtype, lse in row layout, the plan) of exact attention over the whole ring."""
+    """(out in q's dtype, lse in row layout, the plan, the K/V block of the last step) of exact
+    attention over the whole ring. The backward starts from that last block (see ring_backward)."""
     plan = StepPlan(spec, q.shape[spec.seq_dim], q.device)
     ring = RingExchange(spec.mesh) if spec.mesh.ring_size > 1 else None
     acc = OutputAccumulator(q, spec.seq_dim)
@@ -134,20 +135,25 @@ def ring_forward(spec: RingSpec, q, k, v):
             acc.add(call.q_sel, *_kernel_forward(spec, call, q, *kv))
         if pending is not None:
             kv = pending.wait()
-    return acc.out.to(q.dtype), acc.lse, plan
+    return acc.out.to(q.dtype), acc.lse, plan, kv
 
 
-def ring_backward(spec: RingSpec, plan: StepPlan, dout, q, k, v, out, lse):
-    """dq, dk, dv; dK/dV sums travel the ring with their K/V block and end at its owner."""
+def ring_backward(spec: RingSpec, plan: StepPlan, dout, q, k, v, out, lse, last_kv):
+    """dq, dk, dv. The steps run in the forward's reverse order, from ``last_kv`` (the block the
+    forward ended with) to this rank's own block: K/V blocks travel the ring backwards with their
+    dK/dV sums, so every block's sum reaches its owner while the owner computes its own block's
+    share, and nothing is left to send after the last kernel."""
     d = spec.seq_dim
     lse_k = lse.transpose(-1, -2).contiguous()  # kernel layout: (b, h, s) or (h, t)
-    ring = RingExchange(spec.mesh) if spec.mesh.ring_size > 1 else None
+    ring = RingExchange(spec.mesh, reverse=True) if spec.mesh.ring_size > 1 else None
     dq = PartialSum(q.shape, q.dtype, q.device, d)
-    kv, dkv_pending, last = [k, v], None, len(plan.steps) - 1
-    for step, calls in enumerate(plan.steps):
-        kv_pending = ring.start(kv) if step < last else None
+    steps = plan.steps[::-1]
+    kv, dkv_pending, last = last_kv, None, len(steps) - 1
+    for step, calls in enumerate(steps):
+        # the next block comes from the next rank, except the last one: our own K/V
+        kv_pending = ring.start(kv) if step < last - 1 else None
         grads = [(call, _kernel_backward(spec, call, dout, q, *kv, out, lse_k)) for call in calls]
-        # what the previous rank summed for this same K/V block (it arrived while we computed)
+        # what the next rank summed for this same K/V block (it arrived while we computed)
         dk_prev, dv_prev = dkv_pending.wait() if dkv_pending is not None else (None, None)
         dk = PartialSum(k.shape, k.dtype, k.device, d, start=dk_prev)
         dv = PartialSum(v.shape, v.dtype, v.device, d, start=dv_prev)
@@ -155,34 +161,7 @@ def ring_backward(spec: RingSpec, plan: StepPlan, dout, q, k, v, out, lse):
             dq.add(call.q_sel, gq)
             dk.add(call.k_sel, gk)
             dv.add(call.k_sel, gv)
-        if ring is not None:  # partial sums travel in float32; the last hop delivers finished sums, rounded
-            wire = (k.dtype, v.dtype) if step == last else (dk.acc_dtype, dv.acc_dtype)
-            dkv_pending = ring.start([dk.result(wire[0]), dv.result(wire[1])])
-        if kv_pending is not None:
-            kv = kv_pending.wait()
-    if dkv_pending is not None:
-        dk_final, dv_final = dkv_pending.wait()
-    else:
-        dk_final, dv_final = dk.result(k.dtype), dv.result(v.dtype)
-    return dq.result(q.dtype), dk_final, dv_final
-
-
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, spec: RingSpec):
-        out, lse, plan = ring_forward(spec, q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.spec, ctx.plan = spec, plan
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        return (*ring_backward(ctx.spec, ctx.plan, dout.contiguous(), q, k, v, out, lse), None)
-
-
-def ring_attention(q, k, v, spec: RingSpec):
-    """Differentiable ring attention on this rank's (b, s, h, d) or varlen (t, h, d) tensors.
-    Returns (out, lse) with lse in row layout (q.shape[:-1]), not differentiable."""
-    return _RingAttention.apply(q, k, v, spec)
+        if step < last:  # partial sums travel in float32 and are rounded once, by the owner
+            dkv_pending = ring.start([dk.result(dk.acc_dtype), dv.result(dv.acc_dtype)])
+        kv = kv_pending.wait() if kv_pending is not None else [k, v]
+    return dq.result(q.dtype), dk.result(k.dtype), dv.result(v.dtype)

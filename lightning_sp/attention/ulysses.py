@@ -1,64 +1,19 @@
-"""Ulysses: an all-to-all that trades sequence shards for head shards, and back."""
+"""Ulysses: an all-to-all that trades sequence shards for head shards, and back.
+
+The heads can travel in groups: each group's all-to-all is started at once and waited for only when
+its attention begins, so group g+1 is in flight while group g attends, and group g's result travels
+back while group g+1 attends. Rank u of the Ulysses group always owns heads
+[u*H/U, (u+1)*H/U); group g of G is the g-th slice of those, whatever G is, so grouping changes the
+schedule, never the result.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 
-from ..comm import all_to_all
-from ..mesh import SPConfigError
-
-
-def _seq_to_heads(xs, group, U):
-    """(b, s, h_i, d) per rank -> (b, U*s, h_i/U, d): gather the sequence, scatter the heads."""
-    b, s, _, d = xs[0].shape
-    heads = [x.shape[2] // U for x in xs]
-    buf = xs[0].new_empty(U, b, s, sum(heads), d)
-    start = 0
-    for x, h in zip(xs, heads):
-        buf[..., start:start + h, :].copy_(x.reshape(b, s, U, h, d).permute(2, 0, 1, 3, 4))
-        start += h
-    recv = all_to_all(buf, group)  # dim 0 now indexes the sequence chunk
-    outs, start = [], 0
-    for h in heads:
-        outs.append(recv[..., start:start + h, :].permute(1, 0, 2, 3, 4).reshape(b, U * s, h, d))
-        start += h
-    return outs
-
-
-def _heads_to_seq(ys, group, U):
-    """(b, U*s, h_i, d) -> (b, s, U*h_i, d): the inverse of _seq_to_heads."""
-    b, S, _, d = ys[0].shape
-    s = S // U
-    heads = [y.shape[2] for y in ys]
-    buf = ys[0].new_empty(U, b, s, sum(heads), d)
-    start = 0
-    for y, h in zip(ys, heads):
-        buf[..., start:start + h, :].copy_(y.reshape(b, U, s, h, d).permute(1, 0, 2, 3, 4))
-        start += h
-    recv = all_to_all(buf, group)  # dim 0 now indexes the head group
-    outs, start = [], 0
-    for h in heads:
-        outs.append(recv[..., start:start + h, :].permute(1, 2, 0, 3, 4).reshape(b, s, U * h, d))
-        start += h
-    return outs
-
-
-class _AllToAll(torch.autograd.Function):
-    """_seq_to_heads when ``to_heads``, else _heads_to_seq; each one's backward is the other."""
-
-    @staticmethod
-    def forward(ctx, group, U, to_heads, *xs):
-        ctx.group, ctx.U, ctx.to_heads = group, U, to_heads
-        return tuple(_REDISTRIBUTE[to_heads](xs, group, U))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        grads = [g.contiguous() for g in grads]
-        return (None, None, None, *_REDISTRIBUTE[not ctx.to_heads](grads, ctx.group, ctx.U))
-
-
-_REDISTRIBUTE = {True: _seq_to_heads, False: _heads_to_seq}
+from ..comm import start_all_to_all
+from ..mesh import SPConfigError, SPMesh
 
 
 def check_heads(q_heads: int, kv_heads: int, ulysses_size: int) -> None:
@@ -70,15 +25,87 @@ def check_heads(q_heads: int, kv_heads: int, ulysses_size: int) -> None:
         raise SPConfigError(f"{q_heads} query heads are not a multiple of {kv_heads} key/value heads")
 
 
-def seq_to_heads(q, k, v, group, U):
-    """q, k, v in one all-to-all. When the ulysses degree does not divide the KV heads (GQA/MQA),
-    KV heads are first replicated (autograd sums their gradients back)."""
-    check_heads(q.shape[2], k.shape[2], U)
-    rep = math.lcm(k.shape[2], U) // k.shape[2]
-    if rep > 1:
-        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
-    return _AllToAll.apply(group, U, True, q, k, v)
+def replicated_kv_heads(kv_heads: int, ulysses_size: int) -> int:
+    """KV heads after replication: when the Ulysses degree does not divide them (GQA/MQA), each is
+    repeated so that every rank gets whole KV heads (autograd sums the replicas' gradients)."""
+    return math.lcm(kv_heads, ulysses_size)
 
 
-def heads_to_seq(out, group, U):
-    return _AllToAll.apply(group, U, False, out)[0]
+def choose_head_groups(q_heads: int, kv_heads: int, ulysses_size: int, requested: int | str = "auto") -> int:
+    """How many head groups the all-to-all pipeline uses. A group must hold whole query heads and
+    their KV heads on every rank, so G divides both per-rank head counts. ``auto`` takes 2 when it
+    can (1 without Ulysses, where there is nothing to overlap)."""
+    U = ulysses_size
+    per_rank = math.gcd(q_heads // U, replicated_kv_heads(kv_heads, U) // U)
+    if requested == "auto":
+        return 2 if U > 1 and per_rank % 2 == 0 else 1
+    if not isinstance(requested, int) or requested < 1 or per_rank % requested:
+        valid = [g for g in range(1, per_rank + 1) if per_rank % g == 0]
+        raise SPConfigError(
+            f"head_groups={requested!r} does not split the {q_heads // U} query and "
+            f"{replicated_kv_heads(kv_heads, U) // U} key/value heads each rank attends into equal groups; "
+            f"choose one of {valid} or 'auto'")
+    return requested
+
+
+class HeadScatter:
+    """Sequence shards (b, s, H_i, d) -> whole-sequence head shards (b, U*s, H_i/(U*G), d), one head
+    group at a time. Every group's all-to-all starts here; ``[g]`` waits for group g only."""
+
+    def __init__(self, xs, mesh: SPMesh, groups: int):
+        self.U, self.groups = mesh.ulysses_size, groups
+        if self.U == 1:
+            self._xs = list(xs)
+            return
+        b, s, _, d = xs[0].shape
+        self._shape = (b, s, d)
+        self._heads = [x.shape[2] // (self.U * groups) for x in xs]
+        self._pending = [self._start(xs, g, mesh.ulysses_group) for g in range(groups)]
+
+    def _start(self, xs, g, group):
+        b, s, d = self._shape
+        buf = xs[0].new_empty(self.U, b, s, sum(self._heads), d)
+        for x, part in zip(xs, buf.split(self._heads, dim=3)):
+            part.copy_(x.unflatten(2, (self.U, self.groups, -1))[:, :, :, g].permute(2, 0, 1, 3, 4))
+        return start_all_to_all(buf, group)  # slice u of buf goes to rank u
+
+    def __getitem__(self, g: int) -> list[torch.Tensor]:
+        if self.U == 1:
+            return self._xs
+        b, s, d = self._shape
+        recv = self._pending[g].wait()[0]  # slice u came from rank u: the u-th chunk of the sequence
+        return [part.permute(1, 0, 2, 3, 4).reshape(b, self.U * s, h, d)
+                for part, h in zip(recv.split(self._heads, dim=3), self._heads)]
+
+
+class HeadGather:
+    """The inverse of HeadScatter: ``send(g, ys)`` starts returning group g's head shards to their
+    sequence shards; ``result()`` waits for every group and gives (b, s, H_i, d) per tensor."""
+
+    def __init__(self, mesh: SPMesh, groups: int):
+        self.U, self.groups, self.group = mesh.ulysses_size, groups, mesh.ulysses_group
+        self._sent = []
+
+    def send(self, g: int, ys) -> None:
+        if self.U == 1:
+            self._sent.append(list(ys))
+            return
+        b, S, _, d = ys[0].shape
+        heads = [y.shape[2] for y in ys]
+        buf = ys[0].new_empty(self.U, b, S // self.U, sum(heads), d)
+        for y, part in zip(ys, buf.split(heads, dim=3)):
+            part.copy_(y.unflatten(1, (self.U, -1)).transpose(0, 1))
+        self._sent.append((g, heads, start_all_to_all(buf, self.group)))
+
+    def result(self) -> list[torch.Tensor]:
+        if self.U == 1:
+            return self._sent[0]
+        outs = None
+        for g, heads, pending in self._sent:
+            recv = pending.wait()[0]  # slice u holds rank u's heads of group g
+            b, s, d = recv.shape[1], recv.shape[2], recv.shape[-1]
+            if outs is None:
+                outs = [recv.new_empty(b, s, self.U * self.groups * h, d) for h in heads]
+            for out, part in zip(outs, recv.split(heads, dim=3)):
+                out.unflatten(2, (self.U, self.groups, -1))[:, :, :, g].copy_(part.permute(1, 2, 0, 3, 4))
+        return outs
