@@ -6,7 +6,7 @@
 The ring degree is world / ulysses_degree. Each rank holds its own shard of q, k, v: packed as
 (b, s_local, 3, h, d) through LongContextAttentionQKVPacked for MHA, separate q and k, v through
 LongContextAttention for GQA (--kv_heads < --nheads). --kv_heads, --seq_len, --mode,
---ulysses_degree, --ring_impl_type and --backend take several values and sweep every combination
+--ulysses_degree, --ring_impl_type, --backend and --head_groups take several values and sweep every combination
 in one launch (one JSON record each; with ring degree 1 the layouts are all the same and run once).
 --profile DIR adds a torch.profiler trace and a kernel table per rank and configuration, and a
 summary of the GPU timeline in the record (compute-busy share, exposed communication, idle gaps,
@@ -26,6 +26,7 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import common  # noqa: E402
 
 import lightning_sp  # noqa: E402
+from lightning_sp.attention.ulysses import choose_head_groups  # noqa: E402
 from lightning_sp.kernels import backends, select_kernel  # noqa: E402
 from lightning_sp.layout import LAYOUT_ALIASES, canonical_layout, check_seq_len  # noqa: E402
 
@@ -39,24 +40,33 @@ def parse_args(argv=None):
                    help="ring layout(s): basic (= contiguous), zigzag, stripe (or strip)")
     p.add_argument("--backend", nargs="+", default=["auto"], choices=backends(),
                    help="block kernel(s); auto = the fastest that accepts the blocks")
+    p.add_argument("--head_groups", nargs="+", default=["auto"], type=_groups,
+                   help="Ulysses head groups (auto, 1, 2, 4, ...): all-to-all pieces overlapping attention")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile --profile_iters iterations of every configuration into DIR")
     p.add_argument("--profile_iters", type=int, default=2)
     return p.parse_args(argv)
 
 
+def _groups(value: str):
+    return value if value == "auto" else int(value)
+
+
 def configs(args, world):
-    """(shape, ulysses, layout, backend) in run order; layouts collapse to one when the ring degree is 1."""
+    """(shape, ulysses, layout, backend, head groups) in run order; layouts collapse to one when the
+    ring degree is 1, head groups to one when the Ulysses degree is 1."""
     for kv, seq_len, fwd_only in common.shape_configs(args):
         for u in dict.fromkeys(args.ulysses_degree):
             ring = world // u if u >= 1 and world % u == 0 else None
             if ring is None:  # one error record is enough
-                yield (kv, seq_len, fwd_only), u, args.ring_impl_type[0], args.backend[0]
+                yield (kv, seq_len, fwd_only), u, args.ring_impl_type[0], args.backend[0], 1
                 continue
             layouts = args.ring_impl_type if ring > 1 else [args.ring_impl_type[0]]
+            groups = args.head_groups if u > 1 else [1]
             for layout in dict.fromkeys(layouts):
                 for backend in dict.fromkeys(args.backend):
-                    yield (kv, seq_len, fwd_only), u, layout, backend
+                    for g in dict.fromkeys(groups):
+                        yield (kv, seq_len, fwd_only), u, layout, backend, g
 
 
 def selected_kernel(backend, mesh, args, kv, seq_len, device, dtype) -> str:
@@ -69,18 +79,18 @@ def selected_kernel(backend, mesh, args, kv, seq_len, device, dtype) -> str:
     return select_kernel(backend, q, k, causal=True).name
 
 
-def make_step(mesh, layout, backend, args, kv, seq_len, fwd_only, device, dtype):
+def make_step(mesh, layout, backend, groups, args, kv, seq_len, fwd_only, device, dtype):
     """The function one iteration runs, on freshly made local inputs."""
     P = mesh.sp_size
     b, n, h, d = args.batch_size, seq_len // P, args.nheads, args.head_dim
     g = torch.Generator(device=device).manual_seed(args.seed + dist.get_rank())
     grad = not fwd_only
     if kv == h:
-        attn = lightning_sp.LongContextAttentionQKVPacked(mesh, ring_impl=layout, backend=backend)
+        attn = lightning_sp.LongContextAttentionQKVPacked(mesh, ring_impl=layout, backend=backend, head_groups=groups)
         qkv = torch.randn(b, n, 3, h, d, generator=g, device=device, dtype=dtype).requires_grad_(grad)
         inputs = (qkv,)
     else:
-        attn = lightning_sp.LongContextAttention(mesh, ring_impl=layout, backend=backend)
+        attn = lightning_sp.LongContextAttention(mesh, ring_impl=layout, backend=backend, head_groups=groups)
         inputs = (torch.randn(b, n, h, d, generator=g, device=device, dtype=dtype).requires_grad_(grad),
                   *(torch.randn(b, n, kv, d, generator=g, device=device, dtype=dtype).requires_grad_(grad)
                     for _ in range(2)))
@@ -97,13 +107,13 @@ def make_step(mesh, layout, backend, args, kv, seq_len, fwd_only, device, dtype)
     return step, "qkvpacked" if kv == h else "q,k,v"
 
 
-def run_config(args, meshes, shape, u, layout, backend, device, dtype, rank, world):
+def run_config(args, meshes, shape, u, layout, backend, groups, device, dtype, rank, world):
     kv, seq_len, fwd_only = shape
     ring = world // u if u >= 1 and world % u == 0 else None
     record = common.base_record(
         "ours", args, device, world, kv_heads=kv, seq_len=seq_len, fwd_only=fwd_only, ulysses=u, ring=ring,
-        layout=canonical_layout(layout), ring_impl_type=layout, backend=backend, kernel=None,
-        config=f"u{u}xr{ring or '?'} {canonical_layout(layout)} {backend}")
+        layout=canonical_layout(layout), ring_impl_type=layout, backend=backend, kernel=None, head_groups=groups,
+        config=f"u{u}xr{ring or '?'} {canonical_layout(layout)} {backend}" + (f" g{groups}" if u > 1 else ""))
     try:
         if ring is None:
             raise lightning_sp.SPConfigError(f"--ulysses_degree {u} does not divide the world size {world}")
@@ -112,7 +122,8 @@ def run_config(args, meshes, shape, u, layout, backend, device, dtype, rank, wor
         mesh = meshes[u]
         check_seq_len(seq_len, layout, mesh)
         record["kernel"] = selected_kernel(backend, mesh, args, kv, seq_len, device, dtype)
-        step, record["input"] = make_step(mesh, layout, backend, args, kv, seq_len, fwd_only, device, dtype)
+        record["head_groups"] = choose_head_groups(args.nheads, kv, u, groups)
+        step, record["input"] = make_step(mesh, layout, backend, groups, args, kv, seq_len, fwd_only, device, dtype)
         timing = common.time_iterations(step, args.warmup, args.iters, device)
         flops = common.attention_flops(args.batch_size, seq_len, args.nheads, args.head_dim, True, fwd_only)
         record.update(timing, **common.throughput_fields(timing, flops, world))
@@ -137,8 +148,8 @@ def main(argv=None) -> int:
     args = common.finish_args(args, device)
     dtype = common.DTYPES[args.dtype]
     meshes: dict[int, object] = {}
-    for shape, u, layout, backend in configs(args, world):
-        common.report(run_config(args, meshes, shape, u, layout, backend, device, dtype, rank, world),
+    for shape, u, layout, backend, groups in configs(args, world):
+        common.report(run_config(args, meshes, shape, u, layout, backend, groups, device, dtype, rank, world),
                       args.out, rank)
     dist.destroy_process_group()
     return 0  # failed configurations are in the records

@@ -28,7 +28,7 @@ def group_key(r: dict) -> tuple:
 
 def config_key(r: dict) -> tuple:
     if r["name"] == "ours":
-        return ("ours", r.get("ulysses"), r.get("ring"), r.get("layout"), r.get("backend"))
+        return ("ours", r.get("ulysses"), r.get("ring"), r.get("layout"), r.get("backend"), r.get("head_groups"))
     if r["name"] == "torch_cp":
         return ("torch_cp", r.get("sdpa_backend"), r.get("rotate"))
     return (r["name"], r.get("backend"))
@@ -64,7 +64,13 @@ def references(group: dict):
 
 def ours_sorted(group: dict) -> list[dict]:
     rows = [r for r in group.values() if r["name"] == "ours"]
-    return sorted(rows, key=lambda r: (-r["ring"], r["ulysses"], r["layout"] or "", r["kernel"] or ""))
+    return sorted(rows, key=lambda r: (-r["ring"], r["ulysses"], r["layout"] or "", r["kernel"] or "",
+                                       r.get("head_groups") or 1))
+
+
+def series_name(r) -> str:
+    groups = r.get("head_groups") or 1
+    return f"{r['layout']} / {r['kernel']}" + (f" / {groups} head groups" if groups > 1 else "")
 
 
 def _ratio(a, b, fmt):
@@ -92,7 +98,7 @@ def summary(records) -> str:
                          f"{'vs CP':>6s} {'GiB':>6s} {'mem/CP':>6s}")
         for r in rows:
             perfect = single[ref_kernel]["time_ms"] / r["world"] if ref_kernel else None
-            label = f"u{r['ulysses']}xr{r['ring']} {r['layout']} {r['kernel']}"
+            label = f"u{r['ulysses']}xr{r['ring']} {series_name(r)}"
             mem = r.get("peak_mem_gib")
             lines.append(
                 f"   {label:28s} {r['time_ms']:9.2f} {r['tflops_per_gpu']:8.1f} "
@@ -136,7 +142,7 @@ def plot(records, out_dir: str) -> list[str]:
         if not rows and not single:
             continue
         splits = list(dict.fromkeys(f"{r['ring']}x{r['ulysses']}" for r in rows))
-        series = list(dict.fromkeys(f"{r['layout']} / {r['kernel']}" for r in rows))
+        series = list(dict.fromkeys(series_name(r) for r in rows))
         colors = {name: f"C{i % 10}" for i, name in enumerate(series)}
         fig, ax = plt.subplots(figsize=(7 + 0.5 * len(rows), 4.5))
         width = 0.8 / max([1] + [sum(f"{r['ring']}x{r['ulysses']}" == sp for r in rows) for sp in splits])
@@ -144,7 +150,7 @@ def plot(records, out_dir: str) -> list[str]:
         for j, split in enumerate(splits):  # the bars of one split side by side, centred on its tick
             here = [r for r in rows if f"{r['ring']}x{r['ulysses']}" == split]
             for i, r in enumerate(here):
-                name = f"{r['layout']} / {r['kernel']}"
+                name = series_name(r)
                 bar = ax.bar(j + (i - (len(here) - 1) / 2) * width, r["iters_per_s"], width, color=colors[name],
                              label=None if name in labelled else name)
                 labelled.add(name)
