@@ -94,14 +94,14 @@ def summary(records) -> str:
             lines.append("   ! torch CP beats perfect scaling or did not patch SDPA: it may not be running its ring")
         rows = ours_sorted(group)
         if rows:
-            lines.append(f"   {'ours':28s} {'ms':>9s} {'TF/s/GPU':>8s} {'%perf-' + (ref_kernel or '?'):>10s} "
+            lines.append(f"   {'ours':44s} {'ms':>9s} {'TF/s/GPU':>8s} {'%perf-' + (ref_kernel or '?'):>10s} "
                          f"{'vs CP':>6s} {'GiB':>6s} {'mem/CP':>6s}")
         for r in rows:
             perfect = single[ref_kernel]["time_ms"] / r["world"] if ref_kernel else None
             label = f"u{r['ulysses']}xr{r['ring']} {series_name(r)}"
             mem = r.get("peak_mem_gib")
             lines.append(
-                f"   {label:28s} {r['time_ms']:9.2f} {r['tflops_per_gpu']:8.1f} "
+                f"   {label:44s} {r['time_ms']:9.2f} {r['tflops_per_gpu']:8.1f} "
                 f"{_ratio(perfect, r['time_ms'] / 100, '{:9.1f}%'):>10s} "
                 f"{_ratio(cp and cp['time_ms'], r['time_ms'], '{:5.2f}x'):>6s} "
                 f"{'-' if mem is None else f'{mem:.2f}':>6s} "

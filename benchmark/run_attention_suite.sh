@@ -5,16 +5,18 @@
 #
 # bf16, causal, batch 1, 32 query heads of 128, with 32 (MHA) and 8 (GQA) KV heads, 32K and 128K tokens,
 # forward+backward and forward only:
-#   ours       ulysses 1 x ring 2 in each layout (basic, zigzag, stripe) and ulysses 2 x ring 1, backends fa4 and cudnn
+#   ours       ulysses 1 x ring 2 in each layout (basic, zigzag, stripe) and ulysses 2 x ring 1 with 1, 2 and 4
+#              head groups (the all-to-all in pieces that overlap attention), backends fa4 and cudnn
 #   single_gpu the one-GPU ceiling (fa4, cudnn): perfect scaling on 2 GPUs = its time / 2
 #   torch_cp   torch's context_parallel with cuDNN SDPA (allgather rotation); for GQA also with flash SDPA
-# then one profiled run (128K MHA fwd+bwd, zigzag and pure Ulysses) and the summary table.
+# then one profiled run (MHA fwd+bwd at the longest length, zigzag and pure Ulysses) and the summary table.
 # Every launch has a time limit; a launch that fails or hangs gets a failure record and the suite goes on.
 # Records: OUT_DIR/attention.jsonl (profiled runs: OUT_DIR/profile.jsonl, traces in OUT_DIR/profile/),
 # figures: OUT_DIR/plots/, everything the launches print: OUT_DIR/suite.log.
 #
 # Overrides for other machines or a CPU smoke run (environment): NPROC, SEQS, KVS, NHEADS, HEAD_DIM, DTYPE,
-# PYTHON, BACKENDS, SINGLE_BACKENDS, SDPA, SDPA_GQA, PROFILE (0 = skip the profiled run), SHORT_WARMUP/SHORT_ITERS (seq <= 32K),
+# PYTHON, BACKENDS, SINGLE_BACKENDS, LAYOUTS, HEAD_GROUPS, SDPA, SDPA_GQA, PROFILE (0 = skip the profiled run),
+# PROFILE_SEQ (default: the longest of SEQS), SHORT_WARMUP/SHORT_ITERS (seq <= 32K),
 # LONG_WARMUP/LONG_ITERS, LIMIT_SHORT/LIMIT_LONG (seconds per launch), BUDGET (seconds for all launches).
 set -u
 
@@ -27,6 +29,8 @@ HEAD_DIM=${HEAD_DIM:-128}
 DTYPE=${DTYPE:-bf16}
 BACKENDS=${BACKENDS:-"fa4 cudnn"}
 SINGLE_BACKENDS=${SINGLE_BACKENDS:-$BACKENDS}
+LAYOUTS=${LAYOUTS:-"basic zigzag stripe"}
+HEAD_GROUPS=${HEAD_GROUPS:-"1 2 4"}
 SDPA=${SDPA:-cudnn}
 SDPA_GQA=${SDPA_GQA:-"$SDPA flash"}  # for KV heads < heads: flash too, in case this torch's CP cannot run cuDNN with GQA
 PROFILE=${PROFILE:-1}
@@ -97,7 +101,7 @@ for S in $SEQS; do
         --kv_heads $KVS --backend $SINGLE_BACKENDS --world "$NPROC"
     for KV in $KVS; do
         run ours "$LIMIT" "$RESULTS" "$S" "$KV" $TORCHRUN benchmark/benchmark_longctx_qkvpacked.py $COMMON \
-            --kv_heads "$KV" --ulysses_degree 1 2 --ring_impl_type basic zigzag stripe --backend $BACKENDS
+            --kv_heads "$KV" --ulysses_degree 1 2 --ring_impl_type $LAYOUTS --backend $BACKENDS --head_groups $HEAD_GROUPS
         if [ "$KV" -lt "$NHEADS" ]; then CP_SDPA=$SDPA_GQA; else CP_SDPA=$SDPA; fi
         run torch_cp "$LIMIT" "$RESULTS" "$S" "$KV" $TORCHRUN benchmark/benchmark_torch_cp.py $COMMON \
             --kv_heads "$KV" --sdpa_backend $CP_SDPA --rotate allgather
@@ -105,11 +109,11 @@ for S in $SEQS; do
 done
 
 if [ "$PROFILE" != 0 ]; then
-    S=${SEQS##* }
+    S=${PROFILE_SEQ:-${SEQS##* }}
     KV=${KVS%% *}
     run profile "$LIMIT_SHORT" "$OUT/profile.jsonl" "$S" "$KV" $TORCHRUN benchmark/benchmark_longctx_qkvpacked.py \
         $SHAPE --seq_len "$S" --kv_heads "$KV" --mode fwd_bwd --ulysses_degree 1 2 --ring_impl_type zigzag \
-        --backend $BACKENDS --warmup 1 --iters 2 --profile "$OUT/profile" --profile_iters 2 --out "$OUT/profile.jsonl"
+        --backend $BACKENDS --head_groups $HEAD_GROUPS --warmup 1 --iters 2 --profile "$OUT/profile" --profile_iters 2 --out "$OUT/profile.jsonl"
 fi
 
 echo "suite ran $((SECONDS - START)) s"
