@@ -108,12 +108,64 @@ def test_packed_documents_do_not_attend_to_each_other():
     assert rel(packed, alone) < TOL
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+CHECKPOINTING = [True, "full", "except_attention", False, "none"]
+
+
+@pytest.mark.parametrize("core", ["local", "long_context"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("mode", CHECKPOINTING, ids=str)
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(mode, packed, core):
     ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
     batch = {"input_ids": ids, "labels": shifted(ids)}
-    _, want = reference(tiny(), batch)
-    _, got = reference(tiny(activation_checkpointing=True), batch)
-    assert max(rel(got[n], g) for n, g in want.items()) < TOL
+    if packed:
+        batch.update(position_ids=torch.cat([torch.arange(6), torch.arange(10)])[None],
+                     cu_seqlens=torch.tensor([0, 6, 16]), max_seqlen=10)  # even lengths: zigzag's rule
+    want_logits, want = reference(tiny(), batch)
+    model = tiny(activation_checkpointing=mode)
+    assert model.activation_checkpointing == {True: "full", False: "none"}.get(mode, mode)
+    if core == "long_context":
+        swap_attention(model)  # one process: the block kernel on the whole sequence
+    got_logits, got = reference(model, batch)
+    assert rel(got_logits, want_logits) < TOL
+    assert set(got) == set(want) and all(rel(got[n], g) < TOL for n, g in want.items())
+
+
+@pytest.mark.parametrize("core", ["local", "long_context"])
+@pytest.mark.parametrize("mode, runs_per_layer", [("none", 1), ("except_attention", 1), ("full", 2)])
+def test_except_attention_does_not_rerun_the_core_attention(mode, runs_per_layer, core):
+    """"full" recomputes each layer's core attention in the backward pass; "except_attention"
+    recomputes the projections (checked) but not the core, whose autograd kept what it needs."""
+    model = tiny(activation_checkpointing=mode)
+    if core == "long_context":
+        swap_attention(model)
+    cores = [layer.attn.core for layer in model.layers]
+    assert all(isinstance(c, lightning_sp.LongContextAttention if core == "long_context" else LocalAttention)
+               for c in cores)
+    calls = {"core": 0, "q_proj": 0}
+
+    def count(name):
+        def hook(*_):
+            calls[name] += 1
+        return hook
+
+    for layer in model.layers:
+        layer.attn.core.register_forward_hook(count("core"))
+        layer.attn.q_proj.register_forward_hook(count("q_proj"))
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(5))
+    hidden = model(ids)
+    n = len(model.layers)
+    assert calls == {"core": n, "q_proj": n}  # the forward pass runs each once
+    model.logits(hidden).sum().backward()
+    assert calls["core"] == runs_per_layer * n
+    assert calls["q_proj"] == (n if mode == "none" else 2 * n)  # the cheap parts are recomputed
+    with torch.no_grad():  # no checkpointing without gradients
+        model(ids)
+    assert calls["core"] == (runs_per_layer + 1) * n
+
+
+def test_unknown_checkpointing_mode_says_which_exist():
+    with pytest.raises(lightning_sp.SPConfigError, match="none, full, except_attention"):
+        LlamaForCausalLM(activation_checkpointing="selective")
 
 
 def test_large_shapes_build_on_the_meta_device():
@@ -153,8 +205,9 @@ def test_hf_model_errors_say_why():
 # ------------------------------------------------------------------------------- sequence parallel
 
 
-def _sp_case(kind: str, packed: bool, ulysses: int, ring: int, layout: str) -> dict:
-    """On every rank: the swapped model on this rank's shard vs the whole-sequence reference."""
+def _sp_case(kind: str, packed: bool, ulysses: int, ring: int, layout: str, checkpointing: str = "none") -> dict:
+    """On every rank: the swapped model on this rank's shard vs the whole-sequence reference (which
+    never checkpoints activations)."""
     mesh = lightning_sp.init_sp_mesh(ulysses_degree=ulysses, ring_degree=ring)
     model = tiny() if kind == "ours" else hf_tiny(kind=kind)
     g = torch.Generator().manual_seed(5)
@@ -184,6 +237,8 @@ def _sp_case(kind: str, packed: bool, ulysses: int, ring: int, layout: str) -> d
             return L.unshard(x, mesh, layout)
     want, want_grads = reference(copy.deepcopy(model), ref_batch)
     swapped = swap_attention(model, mesh, ring_impl=layout)
+    if checkpointing != "none":
+        swapped.activation_checkpointing = checkpointing
     logits = logits_of(swapped, local)
     loss_sum = F.cross_entropy(logits.flatten(0, 1), local["labels"].flatten(), ignore_index=-100, reduction="sum")
     exact_token_loss(loss_sum, (local["labels"] != -100).sum()).loss.backward()
@@ -205,3 +260,8 @@ def test_swapped_model_matches_one_process_when_sequence_parallel(worlds, kind, 
 
 def test_swapped_model_matches_one_process_ring_only_stripe(worlds):
     worlds(4).run(_sp_case, "ours", False, 1, 4, "stripe", timeout=120)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_except_attention_checkpointing_matches_one_process_when_sequence_parallel(worlds, packed):
+    worlds(4).run(_sp_case, "ours", packed, 2, 2, "zigzag", "except_attention", timeout=120)
