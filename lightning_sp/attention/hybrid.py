@@ -140,8 +140,8 @@ class LongContextAttention(nn.Module):
     ``lightning_sp.layout.shard_documents``. Constructing it touches no process group; ``mesh=None``
     means "bound later" (``bind``, which the Lightning strategy calls). Unbound in a world of one
     process it attends locally; unbound in a larger world it raises. ``head_groups`` splits the
-    Ulysses all-to-all into that many head groups so that communication overlaps attention
-    (``auto``: 2 where the heads allow it); the result does not depend on it.
+    Ulysses all-to-all into that many head groups so that one group's communication can overlap
+    another's attention (``auto``: 1, see ``ulysses.choose_head_groups``); the result does not depend on it.
     """
 
     def __init__(self, mesh: SPMesh | None = None, ring_impl: str = "zigzag", backend: str = "auto",
