@@ -163,6 +163,28 @@ def test_except_attention_does_not_rerun_the_core_attention(mode, runs_per_layer
     assert calls["core"] == (runs_per_layer + 1) * n
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("mode", ["none", "full", "except_attention"])
+def test_chunked_mlp_gives_the_same_outputs_and_gradients(mode, packed):
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(6))
+    batch = {"input_ids": ids, "labels": shifted(ids)}
+    if packed:
+        batch.update(position_ids=torch.cat([torch.arange(6), torch.arange(10)])[None],
+                     cu_seqlens=torch.tensor([0, 6, 16]), max_seqlen=10)
+    want_logits, want = reference(tiny(), batch)
+    model = tiny(activation_checkpointing=mode, mlp_chunk_size=5)  # 16 tokens: chunks of 5, 5, 5, 1
+    widest = []
+    for layer in model.layers:
+        layer.mlp.gate_proj.register_forward_hook(lambda m, args, out: widest.append(args[0].shape[:-1].numel()))
+    with torch.no_grad():
+        model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"), batch.get("max_seqlen"))
+    assert widest == [5, 5, 5, 1] * len(model.layers)
+    got_logits, got = reference(model, batch)
+    assert rel(got_logits, want_logits) < TOL
+    assert set(got) == set(want) and all(rel(got[n], g) < TOL for n, g in want.items())
+    assert max(widest) == 5  # recomputations included
+
+
 def test_unknown_checkpointing_mode_says_which_exist():
     with pytest.raises(lightning_sp.SPConfigError, match="none, full, except_attention"):
         LlamaForCausalLM(activation_checkpointing="selective")
@@ -184,6 +206,8 @@ def test_bad_inputs_raise_errors_that_say_why():
         LlamaConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(lightning_sp.SPConfigError, match="loss_chunk_size"):
         LlamaForCausalLM(loss_chunk_size=0)
+    with pytest.raises(lightning_sp.SPConfigError, match="mlp_chunk_size"):
+        LlamaForCausalLM(mlp_chunk_size=0)
     with pytest.raises(lightning_sp.SPConfigError, match="one packed row"):
         tiny()(torch.zeros(2, 8, dtype=torch.long), cu_seqlens=torch.tensor([0, 8]))
     with pytest.raises(lightning_sp.SPConfigError, match="window"):

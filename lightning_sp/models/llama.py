@@ -6,7 +6,8 @@ grouped-query attention. Every attention layer calls ``self.core(q, k, v, causal
 max_seqlen=...)`` with q, k, v as ``(batch, seq, heads, head_dim)`` (or ``(tokens, heads, head_dim)``
 for packed documents): :class:`LocalAttention` by default, a ``LongContextAttention`` after
 :func:`lightning_sp.models.swap_attention`. The loss is a chunked cross entropy that never holds the
-logits of more than ``loss_chunk_size`` tokens at once, in the forward or the backward pass.
+logits of more than ``loss_chunk_size`` tokens at once, in the forward or the backward pass; with
+``mlp_chunk_size`` the MLPs likewise run over chunks of tokens.
 
 Activation checkpointing (``LlamaForCausalLM(activation_checkpointing=...)``, see ``CHECKPOINTING``):
 ``"full"`` recomputes each whole decoder layer in the backward pass, attention included;
@@ -166,23 +167,38 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    """SwiGLU. With ``chunk_size`` it runs over at most that many tokens at a time and, in training,
+    keeps only each chunk's input: its ``intermediate_size``-wide activations are recomputed in the
+    backward pass (one more MLP forward per step), so they never exist for the whole sequence."""
+
+    def __init__(self, config: LlamaConfig, chunk_size: int | None = None):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.chunk_size = chunk_size
 
     def forward(self, x):
+        n = self.chunk_size
+        if n is None or x.shape[:-1].numel() <= n:
+            return self._swiglu(x)
+        part = _recomputed if torch.is_grad_enabled() else _kept
+        # split, not slices: the backward then cats the chunks' gradients once instead of adding
+        # a zero-padded whole-sequence gradient per chunk
+        chunks = x.reshape(-1, x.shape[-1]).split(n)
+        return torch.cat([part(self._swiglu, c) for c in chunks]).view(*x.shape[:-1], -1)
+
+    def _swiglu(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, mlp_chunk_size: int | None = None):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, mlp_chunk_size)
 
     def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, checkpointing: str = "none"):
         """The layer, in three parts: the projections before the core attention, the core attention,
@@ -226,20 +242,29 @@ class LlamaForCausalLM(nn.Module):
     layer's input and recomputes the whole layer, attention included, in the backward pass (least
     memory); ``"except_attention"`` recomputes everything but the core attention (norms,
     projections, RoPE, MLP): the attention's own autograd keeps q, k, v, its output and log-sum-exp
-    (about 2.6 x a layer input in bf16 for a Llama GQA shape) and is not run again, which saves the
-    quadratic recomputation on long sequences. The attribute holds the canonical mode name.
+    and is not run again, which saves the quadratic recomputation on long sequences, for more
+    memory than ``"full"`` (Llama-3.2-1B's shape in bf16-mixed: about 18.6 KB instead of 8 KB per
+    token and layer; under Ulysses also the gathered attention output, about 22.7 KB). The
+    attribute holds the canonical mode name.
+
+    ``mlp_chunk_size`` (tokens, default None: the whole sequence at once) runs each MLP over at most
+    that many tokens at a time, recomputing its wide activations per chunk in the backward pass:
+    for the longest sequences, where the MLP's ``intermediate_size``-wide tensors of a whole shard
+    (and their gradients) are the largest part of the backward's working memory.
     """
 
     def __init__(self, config: LlamaConfig | None = None, activation_checkpointing: bool | str = False,
-                 loss_chunk_size: int = 4096):
+                 loss_chunk_size: int = 4096, mlp_chunk_size: int | None = None):
         super().__init__()
         self.config = config = config or LlamaConfig()
         if not isinstance(loss_chunk_size, int) or loss_chunk_size < 1:
             raise SPConfigError(f"loss_chunk_size must be a positive int, got {loss_chunk_size!r}")
+        if mlp_chunk_size is not None and (not isinstance(mlp_chunk_size, int) or mlp_chunk_size < 1):
+            raise SPConfigError(f"mlp_chunk_size must be a positive int or None, got {mlp_chunk_size!r}")
         self.activation_checkpointing = checkpointing_mode(activation_checkpointing)
         self.loss_chunk_size = loss_chunk_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, mlp_chunk_size) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
