@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from lightning_sp.cluster import SubmititLocalEnvironment
 from lightning_sp.slurm import SlurmJob, expand_hostlist, hpc_checkpoint_path, requeue_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,59 @@ def test_submitit_renders_the_expected_sbatch_parameters(tmp_path):
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --signal=USR2@120", "#SBATCH --requeue", "export MASTER_PORT="):
         assert line in text, (line, text)
+
+
+# ------------------------------------------------------------------------------ fast: submitit's local executor
+LOCAL_TASK = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_NTASKS": "4", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+              "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_GLOBALID": "2", "SUBMITIT_LOCAL_LOCALID": "2",
+              "SUBMITIT_LOCAL_JOB_ID": "31337"}  # what submitit's local controller gives its third task of four
+
+
+def test_a_local_submitit_task_gives_its_ranks_and_a_shared_rendezvous():
+    env = SubmititLocalEnvironment(LOCAL_TASK)
+    assert SubmititLocalEnvironment.detect(LOCAL_TASK) and env.creates_processes_externally
+    assert (env.world_size(), env.global_rank(), env.local_rank(), env.node_rank()) == (4, 2, 2, 0)
+    assert (env.main_address, env.main_port) == ("127.0.0.1", 20000 + 31337 % 20000)
+    # every task of the job derives the same port; another job (a concurrent sweep job) another one
+    rank0 = dict(LOCAL_TASK, SUBMITIT_LOCAL_GLOBALID="0", SUBMITIT_LOCAL_LOCALID="0")
+    assert SubmititLocalEnvironment(rank0).main_port == env.main_port
+    assert SubmititLocalEnvironment(dict(LOCAL_TASK, SUBMITIT_LOCAL_JOB_ID="31338")).main_port != env.main_port
+    pinned = SubmititLocalEnvironment(dict(LOCAL_TASK, MASTER_ADDR="10.0.0.1", MASTER_PORT="29555"))
+    assert (pinned.main_address, pinned.main_port) == ("10.0.0.1", 29555)
+    env.set_world_size(4)
+    env.set_global_rank(0)  # Lightning's value is ignored: the rank is submitit's
+    assert env.global_rank() == 2
+    with pytest.raises(ValueError, match="started 4 task.*asks for 8 processes.*tasks_per_node"):
+        env.set_world_size(8)
+
+
+def test_the_local_environment_is_only_detected_in_a_local_submitit_task():
+    assert not SubmititLocalEnvironment.detect({})
+    assert not SubmititLocalEnvironment.detect(dict(LOCAL_TASK, SUBMITIT_EXECUTOR="slurm"))
+    assert not SubmititLocalEnvironment.detect({"SUBMITIT_EXECUTOR": "local"})  # the controller, not a task
+    with pytest.raises(RuntimeError, match="SUBMITIT_LOCAL_GLOBALID is not set"):
+        SubmititLocalEnvironment({}).global_rank()
+
+
+@pytest.mark.parametrize("strategy", ["ulysses_ring", "ddp"])
+def test_lightning_joins_a_local_submitit_task_instead_of_launching(strategy, monkeypatch):
+    import lightning as L
+    import torch
+    import lightning_sp  # noqa: F401  (registers ulysses_ring)
+    trainer = L.Trainer(accelerator="cpu", devices=4, strategy=strategy, plugins=[SubmititLocalEnvironment(LOCAL_TASK)],
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    assert isinstance(trainer.strategy.cluster_environment, SubmititLocalEnvironment)
+    assert (trainer.global_rank, trainer.local_rank, trainer.world_size) == (2, 2, 4)
+    # the launcher runs the function in this process and starts no other (it would re-run sys.argv)
+    launcher = trainer.strategy.launcher
+    monkeypatch.setattr(launcher, "_call_children_scripts", lambda: pytest.fail("Lightning started processes"))
+    threads = torch.get_num_threads()
+    try:
+        assert launcher.launch(lambda: "ran here") == "ran here"
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="tasks_per_node"):
+        L.Trainer(accelerator="cpu", devices=2, strategy=strategy, plugins=[SubmititLocalEnvironment(LOCAL_TASK)])
 
 
 # ------------------------------------------------------------------------------ slow: a real SLURM
