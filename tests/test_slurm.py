@@ -1,10 +1,14 @@
 """SLURM: environment helpers (fast), and a real slurmctld/slurmd on this machine (slow tier): the sbatch
 template completes, a signalled job checkpoints at a step boundary, requeues and resumes to the same
-losses as an uninterrupted run; the submitit launcher configs compose and run."""
+losses as an uninterrupted run; the submitit launcher configs compose and run, on that controller and
+through submitit's local executor (no SLURM needed)."""
 from __future__ import annotations
 
 import csv
+import json
 import os
+import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -138,6 +142,19 @@ def test_lightning_joins_a_local_submitit_task_instead_of_launching(strategy, mo
         L.Trainer(accelerator="cpu", devices=2, strategy=strategy, plugins=[SubmititLocalEnvironment(LOCAL_TASK)])
 
 
+def test_the_local_submitit_launcher_config_ties_tasks_to_the_trainer_and_adds_the_environment():
+    from hydra.utils import instantiate
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=local_submitit", "trainer.devices=2"], return_hydra_config=True)
+        plain = compose("train", overrides=["hydra/launcher=slurm_cpu"], return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params["_target_"].endswith("submitit_launcher.LocalLauncher")
+    assert (params["tasks_per_node"], params["nodes"], params["gpus_per_node"]) == (2, 1, 2)
+    plugins = [instantiate(p) for p in cfg.trainer.plugins]
+    assert [type(p) for p in plugins] == [SubmititLocalEnvironment]
+    assert "plugins" not in plain.trainer  # only this launcher adds it
+
+
 # ------------------------------------------------------------------------------ slow: a real SLURM
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
@@ -267,3 +284,48 @@ def test_submitit_job_on_the_local_controller_requeues_and_resumes(slurm, tmp_pa
     run_dir = tmp_path / "sweep" / "0"
     assert sorted(p.name for p in run_dir.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
     assert [s for s, _ in _steps(run_dir)] == list(range(STEPS))
+
+
+# ------------------------------------------------------------------------------ slow: submitit's local executor
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_submitit_local_executor_runs_the_job_once_per_rank(tmp_path):
+    """`-m hydra/launcher=local_submitit`: submitit's local executor starts the 4 ranks of the main job
+    (cpu_smoke, gloo) and Lightning joins them: every rank ran exactly once, as submitit's child, and the
+    job trained to the last step (previously Lightning re-ran submitit's entry point from every task)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    record, sweep = tmp_path / "processes", tmp_path / "sweep"
+    callbacks = ("trainer.callbacks=[{_target_:lightning_sp.slurm.SLURMRequeue},"
+                 f"{{_target_:slurm_helpers.ProcessRecord,folder:{record}}}]")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, str(ROOT / "recipes/train.py"), "-m", "hydra/launcher=local_submitit",
+                             f"hydra.sweep.dir={sweep}", "experiment=cpu_smoke", "trainer.max_steps=4", callbacks],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # submitit's controller and tasks join this process group
+    try:
+        out, _ = proc.communicate(timeout=480)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever is left (a hung rank, the controller)
+        except ProcessLookupError:
+            pass
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(sweep.glob(".submitit/*/*_log.err")))
+    assert proc.returncode == 0, f"{out[-3000:]}\n{logs}"
+
+    # each rank ran once, in one of the processes submitit started (all children of its controller)
+    ran = [json.loads(p.read_text()) for p in record.glob("*.json")]
+    assert sorted(r["global_rank"] for r in ran) == [0, 1, 2, 3], (ran, logs)
+    assert all(r["global_rank"] == r["local_rank"] == int(r["submitit_rank"]) and r["world_size"] == 4 for r in ran), ran
+    assert len({r["ppid"] for r in ran}) == 1 and all(r["environment"] == "SubmititLocalEnvironment" for r in ran), ran
+
+    # the job trained: steps 0..3 logged once, and every task handed submitit the last step's loss
+    run_dir = sweep / "0"
+    steps = _steps(run_dir)
+    assert [s for s, _ in steps] == [0, 1, 2, 3], steps
+    results = sorted(sweep.glob(".submitit/*/*_result.pkl"))
+    assert len(results) == 4, results
+    for path in results:
+        outcome, job_return = pickle.loads(path.read_bytes())
+        assert outcome == "success", (path, job_return)
+        loss = job_return.return_value
+        assert loss == pytest.approx(steps[-1][1], rel=1e-6) and loss < steps[0][1], (loss, steps)
