@@ -2,7 +2,9 @@
 record failures instead of crashing or hanging, and plot.py summarizes and draws them.
 
 The two torchrun launches (ours and torch CP, 2 gloo processes each) start together and run while
-the single-GPU script and the trace summary run in this process.
+the single-GPU script and the trace summary run in this process. The training benchmark trains the
+tiny decoder through Lightning under ulysses_ring and ddp (2 gloo processes each, started together);
+its slow-tier test fails one rank with a simulated out-of-memory error in a --find_max search.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
@@ -183,3 +186,96 @@ def test_trace_summary_counts_exposed_comm_idle_and_copies(tmp_path):
     assert s["idle_ms"] == pytest.approx(0.060 / 2)
     assert s["copy_ms"] == pytest.approx(0.010 / 2)
     assert s["top_kernels"][0]["name"] == "flash_fwd_kernel" and s["top_kernels"][0]["calls_per_iter"] == 1
+
+
+# ------------------------------------------------------------------------------ training benchmark
+
+TRAIN = [sys.executable, os.path.join(BENCH, "benchmark_train.py"), "--model", "tiny", "--accelerator", "cpu",
+         "--devices", "2", "--warmup", "1", "--steps", "2", "--quiet"]
+TRAIN_FIELDS = {"name", "card", "date", "torch", "command", "model", "strategy", "world", "ulysses", "ring", "dp",
+                "layout", "backend", "attention", "kernel", "checkpointing", "seq_len", "tokens_per_step",
+                "step_time_s", "all_step_times_s", "tokens_per_s", "flops_per_token", "flops_params",
+                "flops_params_note", "mfu", "peak_mem_gib", "peak_mem_gib_per_rank", "completed", "error", "args"}
+
+
+def _train(args, out, env=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.Popen([*TRAIN, *args, "--out", out], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope="module")
+def train_launches(tmp_path_factory):
+    """ulysses_ring and ddp, 2 gloo processes each, started together."""
+    d = tmp_path_factory.mktemp("train")
+    runs = {"ulysses_ring": ["--strategy", "ulysses_ring", "--seq_len", "64", "--checkpointing", "except_attention",
+                             "--peak_tflops", "1"],
+            "ddp": ["--strategy", "ddp", "--seq_len", "48"]}
+    procs = {k: (_train(a, str(d / f"{k}.jsonl")), str(d / f"{k}.jsonl")) for k, a in runs.items()}
+    yield procs
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _check_train(r, strategy, seq_len):
+    from lightning_sp.models import LlamaConfig
+
+    assert TRAIN_FIELDS <= set(r), TRAIN_FIELDS - set(r)
+    assert r["name"] == "train" and r["completed"] is True and r["error"] is None
+    assert r["card"] == "cpu" and r["world"] == 2 and r["strategy"] == strategy and r["seq_len"] == seq_len
+    assert r["command"].startswith("python ") and "benchmark_train.py" in r["command"]
+    assert len(r["all_step_times_s"]) == 2 and len(r["warmup_step_times_s"]) == 1
+    assert r["step_time_s"] == pytest.approx(statistics.median(r["all_step_times_s"]))
+    assert r["tokens_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_time_s"])
+    config = LlamaConfig(**r["config"])
+    assert r["flops_params"] == config.num_params() - config.vocab_size * config.hidden_size  # untied: no lookup
+    attn = 6 * config.num_layers * config.num_heads * config.head_dim * seq_len  # 12 L h d S, causal half
+    assert r["flops_per_token"] == pytest.approx(6 * r["flops_params"] + attn)
+    assert r["peak_mem_gib"] is None  # cpu
+    assert math.isfinite(r["final_loss"])
+
+
+def test_train_benchmark_ulysses_ring(train_launches):
+    proc, path = train_launches["ulysses_ring"]
+    rc, out = _finish(proc)
+    assert rc == 0, out[-3000:]
+    [r] = _records(path)
+    _check_train(r, "ulysses_ring", 64)
+    assert (r["ulysses"], r["ring"], r["dp"], r["layout"]) == (2, 1, 1, "zigzag")  # auto: Ulysses over both
+    assert r["tokens_per_step"] == 64  # the two ranks share one sequence
+    assert r["attention"] == "LongContextAttention" and r["backend"] == "auto" and r["kernel"] == "cpu_flash"
+    assert r["checkpointing"] == "except_attention"
+    assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / (1e12 * 2))  # --peak_tflops 1
+    assert "train tiny ulysses_ring S=64" in out and "tokens/s" in out
+
+
+def test_train_benchmark_ddp_keeps_local_attention(train_launches):
+    proc, path = train_launches["ddp"]
+    rc, out = _finish(proc)
+    assert rc == 0, out[-3000:]
+    [r] = _records(path)
+    _check_train(r, "ddp", 48)
+    assert (r["ulysses"], r["ring"], r["dp"], r["layout"]) == (1, 1, 2, None)
+    assert r["tokens_per_step"] == 2 * 48  # each GPU its own sequence
+    assert (r["attention"], r["backend"], r["kernel"]) == ("LocalAttention", "local", "torch_sdpa")
+    assert r["checkpointing"] == "none" and r["mfu"] is None  # tiny.yaml's mode; no peak known on cpu
+
+
+@pytest.mark.slow
+def test_train_benchmark_find_max_survives_an_oom_on_one_rank(tmp_path):
+    """The last rank fails with (simulated) out-of-memory at 64 tokens while the other waits in a
+    collective: the launch ends, is recorded, and the search reports 32 as the longest."""
+    out = str(tmp_path / "find.jsonl")
+    proc = _train(["--strategy", "ulysses_ring", "--seq_len", "32", "--find_max", "--max_seq_len", "128",
+                   "--checkpointing", "full"], out, env={"LIGHTNING_SP_BENCH_SIMULATE_OOM_ABOVE": "32"})
+    rc, text = _finish(proc)
+    assert rc == 0, text[-3000:]
+    ok, failed, summary = _records(out)
+    assert ok["seq_len"] == 32 and ok["completed"] and ok["checkpointing"] == "full"
+    assert failed["seq_len"] == 64 and failed["completed"] is False and failed["oom"] is True
+    assert "simulated out of memory" in failed["error"] and failed["command"] == ok["command"]
+    assert summary["name"] == "train_find_max" and summary["longest_completed"] == 32
+    assert summary["tried"] == [32, 64] and summary["first_failed"] == 64 and summary["stopped_by"] == "failure"
+    assert "find_max: longest completed 32 tokens" in text

@@ -1,0 +1,490 @@
+"""Training speed and memory of the Llama decoder under Lightning: tokens/s, MFU and peak memory.
+
+    python benchmark/benchmark_train.py --model llama_1b --strategy ulysses_ring --ulysses_degree 2 \\
+        --seq_len 65536 131072 --devices 2 --checkpointing except_attention --out results/train.jsonl
+
+What runs is what users run: ``lightning_sp.lm.CausalLM`` around ``LlamaForCausalLM`` in a
+``Trainer`` with ``strategy="ulysses_ring"`` (or ``ulysses_ring_fsdp``, or plain ``ddp``), on random
+tokens (uniform over the vocabulary: the speed does not depend on the data), batch 1 per
+sequence-parallel group, AdamW. Run it with ``python``, not ``torchrun``: every sequence length is a
+fresh launch (a subprocess that starts a Trainer, whose own launcher starts the other ranks), so an
+out-of-memory error or a crash on one rank cannot leave another rank blocked in a collective and
+stop the sweep: the launch is ended (its whole process group), recorded with ``completed: false``
+and the error, and the sweep goes on. ``--find_max`` then keeps doubling the longest length until
+one fails (or passes ``--max_seq_len``) and reports the longest that completed its steps.
+
+Timing: a callback synchronizes the GPU at the end of every training step; a step's time is the
+interval between the ends of consecutive steps (the whole loop: data, sharding, forward, backward,
+optimizer, logging), the slowest rank's, and the first ``--warmup`` steps are not timed (FA4
+compiles its kernels in the first step). MFU = tokens/s x model FLOPs per token / (peak x GPUs) with
+``LlamaConfig.flops_per_token``: 6 x the parameters used in matmuls (all but the input embedding
+lookup; tied embeddings count once, as the LM head) + the attention's 12 x layers x heads x head_dim
+x seq_len, halved for causal; recomputation (checkpointing) is not counted. Tokens are global: under
+``ddp`` every GPU trains its own sequence, under ``ulysses_ring`` the ranks of a group share one.
+
+With ``--strategy ddp`` the model keeps its own attention (``--backend local``: torch SDPA on the
+whole sequence of each GPU) unless ``--backend`` names a kernel (fa4, cudnn, ...): then each layer
+runs ``LongContextAttention`` on a one-rank mesh, i.e. the sequence-parallel runs' kernel without the
+communication, for a like-for-like baseline.
+
+Test hook: with ``LIGHTNING_SP_BENCH_SIMULATE_OOM_ABOVE=N`` in the environment, the last rank raises
+``torch.OutOfMemoryError`` at its first step when the length exceeds N (the failure path, on CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+sys.path.insert(1, ROOT)  # lightning_sp, uninstalled
+import common  # noqa: E402
+
+STRATEGIES = ("ulysses_ring", "ulysses_ring_fsdp", "ddp")
+CHECKPOINTING = ("none", "full", "except_attention")
+MODELS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "conf", "model")) if f.endswith(".yaml"))
+LOCAL = "local"  # --backend for ddp: the model's own attention (torch SDPA)
+OOM_WORDS = ("OutOfMemoryError", "CUDA out of memory", "out of memory")
+SIMULATE_OOM = "LIGHTNING_SP_BENCH_SIMULATE_OOM_ABOVE"
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+
+def _degree(value: str):
+    return value if value == "auto" else int(value)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="llama_1b", help="a conf/model/*.yaml (read with plain yaml)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="ulysses_ring")
+    p.add_argument("--seq_len", type=int, nargs="+", default=[65536],
+                   help="tokens per sequence; each length is one launch and one record")
+    p.add_argument("--ulysses_degree", type=_degree, default="auto")
+    p.add_argument("--ring_degree", type=_degree, default="auto")
+    p.add_argument("--ring_impl", default="zigzag", help="ring layout: zigzag, contiguous, stripe")
+    p.add_argument("--backend", default=None,
+                   help="attention kernel: auto, fa4, cudnn, flash, efficient, cpu_flash, reference (default auto); "
+                        f"with --strategy ddp also '{LOCAL}', the default: the model's own attention (torch SDPA)")
+    p.add_argument("--checkpointing", choices=CHECKPOINTING, default=None,
+                   help="activation checkpointing (default: the model config's)")
+    p.add_argument("--mlp_chunk_size", type=int, default=None,
+                   help="tokens per MLP chunk, recomputed in the backward (default: the model config's)")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps; the median is reported")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1; FA4 compiles here)")
+    p.add_argument("--accelerator", default=None, help="gpu (default when CUDA is there) or cpu")
+    p.add_argument("--devices", type=int, default=2)
+    p.add_argument("--precision", default=None, help="default bf16-mixed on GPU, 32-true on CPU")
+    p.add_argument("--gradient_clip_val", type=float, default=1.0, help="as conf/trainer/gpu.yaml; 0 = off")
+    p.add_argument("--gradient_as_bucket_view", action="store_true",
+                   help="DDP and ulysses_ring: gradients live in DDP's buckets (saves a gradient-sized buffer)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="dense peak per device for MFU (default: 989 on H100/H200 as lightning_sp.lm.PEAK_TFLOPS; "
+                        "none on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--find_max", action="store_true",
+                   help="after the given lengths, keep doubling the longest until one fails or passes --max_seq_len")
+    p.add_argument("--max_seq_len", type=int, default=1 << 20, help="--find_max stops above this length")
+    p.add_argument("--launch_timeout", type=float, default=1800, help="seconds per launch before it is killed")
+    p.add_argument("--dist_timeout", type=float, default=600,
+                   help="seconds a collective may wait (the process group's timeout) before the rank gives up")
+    p.add_argument("--out", default=None, help="JSON-lines file to append one record per launch to")
+    p.add_argument("--quiet", action="store_true",
+                   help="do not echo the launches' output (a failure still shows its tail)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: the spec file of one launch
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be at least 1 (a step is timed from the end of the step before it)")
+    if args.backend is None:
+        args.backend = LOCAL if args.strategy == "ddp" else "auto"
+    if args.backend == LOCAL and args.strategy != "ddp":
+        p.error(f"--backend {LOCAL} is the model's own attention, for --strategy ddp only")
+    if args.accelerator is None:
+        args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if args.precision is None:
+        args.precision = "bf16-mixed" if args.accelerator in ("gpu", "cuda") else "32-true"
+    return args
+
+
+def load_model_config(name: str) -> tuple[dict, dict]:
+    """(LlamaConfig kwargs, LlamaForCausalLM kwargs) from conf/model/<name>.yaml, without Hydra."""
+    import yaml
+
+    with open(os.path.join(ROOT, "conf", "model", f"{name}.yaml")) as f:
+        raw = yaml.safe_load(f)
+    config = {k: v for k, v in raw["config"].items() if not k.startswith("_")}
+    model = {k: v for k, v in raw.items() if not k.startswith("_") and k != "config"}
+    return config, model
+
+
+# ---------------------------------------------------------------------------------------------
+# One launch (the worker: every rank runs this)
+
+
+class RandomTokens(torch.utils.data.Dataset):
+    """Sequences of tokens drawn uniformly from the vocabulary; labels = inputs (shifted by the
+    strategy, or by CausalLM under ddp)."""
+
+    def __init__(self, seq_len: int, vocab_size: int, num_samples: int, seed: int):
+        self.seq_len, self.vocab_size, self.num_samples, self.seed = seq_len, vocab_size, num_samples, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        ids = torch.randint(0, self.vocab_size, (self.seq_len,), generator=g)
+        return {"input_ids": ids, "labels": ids.clone()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_timer(spec: dict):
+    import lightning as L
+    import torch.distributed as dist
+
+    class StepTimer(L.Callback):
+        """End of every step (GPU synchronized); at the end, every rank's times and peak memory."""
+
+        def __init__(self):
+            self.start, self.ends, self.result = None, [], None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            limit = os.environ.get(SIMULATE_OOM)
+            if limit and spec["seq_len"] > int(limit) and trainer.global_rank == trainer.world_size - 1:
+                raise torch.OutOfMemoryError(f"simulated out of memory above {limit} tokens ({SIMULATE_OOM})")
+            if self.start is None:
+                _sync(pl_module.device)
+                self.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            _sync(pl_module.device)
+            self.ends.append(time.perf_counter())
+
+        def on_train_end(self, trainer, pl_module):
+            device = pl_module.device
+            marks = [self.start, *self.ends]
+            times = [b - a for a, b in zip(marks[:-1], marks[1:])]
+            cuda = device.type == "cuda"
+            mem = [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)] if cuda else [0, 0]
+            mine = torch.tensor([*times, *mem], dtype=torch.float64, device=device)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+                dist.all_gather(every, mine)
+            else:
+                every = [mine]
+            table = torch.stack(every).cpu()  # (ranks, steps + 2)
+            steps = table[:, :len(times)].max(0).values.tolist()  # each step: the slowest rank
+            gib = (table[:, -2:] / 2**30).tolist() if cuda else None
+            self.result = dict(all_step_times_s=steps,
+                               peak_mem_gib_per_rank=[row[0] for row in gib] if cuda else None,
+                               peak_reserved_gib_per_rank=[row[1] for row in gib] if cuda else None)
+
+    return StepTimer()
+
+
+def build_model(config_kwargs: dict, model_kwargs: dict, ddp_backend: str | None):
+    from lightning_sp.mesh import single_process_mesh
+    from lightning_sp.models import LlamaConfig, LlamaForCausalLM, swap_attention
+
+    model = LlamaForCausalLM(LlamaConfig(**config_kwargs), **model_kwargs)
+    if ddp_backend is not None:  # ddp with a kernel: the same block kernel on one rank's whole sequence
+        swap_attention(model, single_process_mesh(), ring_impl="contiguous", backend=ddp_backend)
+    return model
+
+
+def make_strategy(spec: dict, num_heads: int):
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from lightning_sp import UlyssesRingFSDPStrategy, UlyssesRingStrategy
+
+    timeout = datetime.timedelta(seconds=spec["dist_timeout"])
+    extra = {"gradient_as_bucket_view": True} if spec["gradient_as_bucket_view"] else {}
+    if spec["strategy"] == "ddp":
+        return DDPStrategy(timeout=timeout, **extra)
+    kw = dict(ulysses_degree=spec["ulysses_degree"], ring_degree=spec["ring_degree"], ring_impl=spec["ring_impl"],
+              backend=spec["backend"], attention_heads=num_heads, timeout=timeout)
+    if spec["strategy"] == "ulysses_ring_fsdp":
+        return UlyssesRingFSDPStrategy(**kw)
+    return UlyssesRingStrategy(**kw, **extra)
+
+
+def attention_kernel(spec: dict, config, strategy, device) -> tuple[str, str]:
+    """(attention module, kernel it runs): for sequence parallelism the kernel lightning_sp.kernels
+    picks for the ring's diagonal block (b, S/ring, heads/ulysses, d), as in benchmark_longctx_qkvpacked."""
+    from lightning_sp.kernels import select_kernel
+
+    if spec["backend"] == LOCAL:
+        return "LocalAttention", "torch_sdpa"
+    ulysses, ring = 1, 1
+    if spec["strategy"] != "ddp":
+        mesh = strategy.sp_mesh
+        ulysses, ring = mesh.ulysses_size, mesh.ring_size
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(spec["precision"].split("-")[0], torch.float32)
+    stub = torch.zeros((), device=device, dtype=dtype)
+    q = stub.expand(1, spec["seq_len"] // ring, config.num_heads // ulysses, config.head_dim)
+    k = stub.expand(1, spec["seq_len"] // ring, max(config.num_kv_heads // ulysses, 1), config.head_dim)
+    return "LongContextAttention", select_kernel(spec["backend"], q, k, causal=True).name
+
+
+def worker(spec_path: str) -> int:
+    """One launch: train warmup + steps steps at one length; global rank 0 writes the measurements."""
+    import functools
+    import warnings
+
+    import lightning as L
+
+    from lightning_sp.lm import CausalLM, _device_peak_tflops
+    from lightning_sp.models import LlamaConfig
+    from lightning_sp.models.llama import checkpointing_mode
+
+    with open(spec_path) as f:
+        spec = json.load(f)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    L.seed_everything(spec["seed"], verbose=False)
+    config_kwargs, model_kwargs = load_model_config(spec["model"])
+    if spec["checkpointing"] is not None:
+        model_kwargs["activation_checkpointing"] = spec["checkpointing"]
+    if spec["mlp_chunk_size"] is not None:
+        model_kwargs["mlp_chunk_size"] = spec["mlp_chunk_size"]
+    config = LlamaConfig(**config_kwargs)
+    kernel_backend = None if spec["strategy"] != "ddp" or spec["backend"] == LOCAL else spec["backend"]
+    module = CausalLM(functools.partial(build_model, config_kwargs, model_kwargs, kernel_backend),
+                      peak_tflops=spec["peak_tflops"])
+    timer = _make_timer(spec)
+    total = spec["warmup"] + spec["steps"]
+    trainer = L.Trainer(accelerator=spec["accelerator"], devices=spec["devices"], num_nodes=1,
+                        strategy=make_strategy(spec, config.num_heads), precision=spec["precision"], max_steps=total,
+                        gradient_clip_val=spec["gradient_clip_val"] or None, callbacks=[timer], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1)
+    data = RandomTokens(spec["seq_len"], config.vocab_size, total * spec["devices"], spec["seed"])
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=1))
+    if not trainer.is_global_zero:
+        return 0
+    strategy, device = trainer.strategy, module.device
+    world = trainer.world_size
+    if spec["strategy"] == "ddp":
+        ulysses = ring = 1
+        layout = None
+    else:
+        mesh = strategy.sp_mesh
+        ulysses, ring, layout = mesh.ulysses_size, mesh.ring_size, strategy.ring_impl
+    dp = world // (ulysses * ring)
+    try:
+        attention, kernel = attention_kernel(spec, config, strategy, device)
+    except Exception as err:  # noqa: BLE001 -- the run completed; say why the kernel is unknown
+        attention, kernel = "LongContextAttention", f"unknown ({common.error_text(err)[:200]})"
+    tokens = spec["seq_len"] * dp
+    timed = timer.result["all_step_times_s"][spec["warmup"]:]
+    step = statistics.median(timed)
+    flops_token = config.flops_per_token(spec["seq_len"])
+    n_flops = config.num_params() - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
+    attn_flops = 6 * config.num_layers * config.num_heads * config.head_dim * spec["seq_len"]
+    assert abs(flops_token - (6 * n_flops + attn_flops)) <= 1e-6 * flops_token, "flops_per_token changed meaning"
+    peak = spec["peak_tflops"] or _device_peak_tflops(device)
+    tokens_per_s = tokens / step
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    per_rank = timer.result["peak_mem_gib_per_rank"]
+    record = dict(
+        card=common.card_name(device), world=world, ulysses=ulysses, ring=ring, dp=dp, layout=layout,
+        attention=attention, kernel=kernel,
+        checkpointing=checkpointing_mode(model_kwargs.get("activation_checkpointing")),
+        mlp_chunk_size=model_kwargs.get("mlp_chunk_size"), loss_chunk_size=model_kwargs.get("loss_chunk_size"),
+        config=dataclasses.asdict(config), num_params=config.num_params(), flops_params=n_flops,
+        flops_params_note="parameters in the 6N term: all but the input embedding lookup (tied embeddings count "
+                          "once, as the LM head)",
+        tokens_per_step=tokens, sequences_per_step=dp, step_time_s=step, all_step_times_s=timed,
+        warmup_step_times_s=timer.result["all_step_times_s"][:spec["warmup"]], tokens_per_s=tokens_per_s,
+        flops_per_token=flops_token, attention_flops_per_token=attn_flops, flops_per_step=flops_token * tokens,
+        tflops_per_gpu=tokens_per_s * flops_token / world / 1e12, peak_tflops_per_gpu=peak,
+        mfu=tokens_per_s * flops_token / (peak * 1e12 * world) if peak else None,
+        peak_mem_gib=max(per_rank) if per_rank else None, peak_mem_gib_per_rank=per_rank,
+        peak_reserved_gib=max(timer.result["peak_reserved_gib_per_rank"]) if per_rank else None,
+        final_loss=metrics.get("train/loss"),
+        module_logged={k: v for k, v in metrics.items() if k in ("train/tokens_per_s", "train/mfu")},
+        lightning=L.__version__, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), completed=True, error=None)
+    with open(spec["record"], "w") as f:
+        json.dump(record, f, default=str)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep (the process the user started)
+
+
+def _clean_env(gpu: bool) -> dict:
+    env = dict(os.environ)
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT",
+                "GROUP_RANK", "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)
+    env.setdefault("NCCL_NVLS_ENABLE", "0")  # no NVLink multicast (see the device notes)
+    if gpu:
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences: less fragmentation
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _error_from(output: str, rc: int | None, timed_out: bool) -> tuple[str, bool]:
+    """(error text, out of memory?) from a failed launch's output."""
+    lines = [l for l in output.splitlines() if l.strip()]
+    oom = [l for l in lines if any(w in l for w in OOM_WORDS)]
+    if oom:
+        return oom[-1].strip()[:1000], True
+    if timed_out:
+        return "launch timed out (killed)", False
+    errors = [l for l in lines if "Error" in l or "Exception" in l]
+    return ((errors[-1].strip()[:1000] + "; ") if errors else "") + f"launch exited with status {rc}", False
+
+
+def launch(args: argparse.Namespace, seq_len: int, workdir: str) -> dict:
+    """Run one length in a fresh launch; the worker's record, or one saying why there is none."""
+    spec = {k: v for k, v in vars(args).items() if k not in ("worker", "seq_len", "out", "find_max", "quiet")}
+    spec.update(seq_len=seq_len, record=os.path.join(workdir, f"record_{seq_len}.json"))
+    spec_path = os.path.join(workdir, f"spec_{seq_len}.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", spec_path]
+    tail = collections.deque(maxlen=400)
+    # a session of its own: every rank of the launch is in its process group and ends with it
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_clean_env(args.accelerator != "cpu"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def pump():
+        for line in proc.stdout:
+            tail.append(line)
+            if not args.quiet:
+                print(f"  [S={seq_len}] {line}", end="", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        rc = proc.wait(timeout=args.launch_timeout)
+    except subprocess.TimeoutExpired:
+        timed_out, rc = True, None
+    try:  # rank 0 is done (or stuck): end every rank of the launch, e.g. one blocked in a collective
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if timed_out:
+        rc = proc.wait()
+    reader.join(timeout=30)
+    base = dict(seq_len=seq_len, strategy=args.strategy, backend=args.backend)
+    if rc == 0 and os.path.exists(spec["record"]):
+        with open(spec["record"]) as f:
+            return {**base, **json.load(f)}
+    output = "".join(tail)
+    error, oom = _error_from(output, rc, timed_out)
+    if args.quiet:
+        print("".join(list(tail)[-40:]), end="", flush=True)
+    return {**base, "completed": False, "oom": oom, "rc": rc, "error": error}
+
+
+def finish_record(args: argparse.Namespace, record: dict, started: str) -> dict:
+    """The record as written: what was asked (args, command) around what was measured."""
+    head = dict(name="train", date=started, card=record.pop("card", None) or _card(args), torch=torch.__version__,
+                command=common.command_line(), model=args.model, strategy=args.strategy,
+                ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree, ring_impl=args.ring_impl,
+                backend=args.backend, precision=args.precision, devices=args.devices, warmup=args.warmup,
+                steps=args.steps)
+    _, model = load_model_config(args.model)  # what the launch would have used, for failures
+    record.setdefault("checkpointing", args.checkpointing or _mode(model.get("activation_checkpointing")))
+    record.setdefault("mlp_chunk_size", args.mlp_chunk_size or model.get("mlp_chunk_size"))
+    return {**head, **record, "args": {k: v for k, v in vars(args).items() if k != "worker"}}
+
+
+def _card(args: argparse.Namespace) -> str:
+    """The card's name without touching CUDA here (a context in this process would take GPU memory
+    from the launches): nvidia-smi's, or "cpu"."""
+    if args.accelerator == "cpu":
+        return "cpu"
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout.splitlines()
+        return out[0].strip() if out else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _mode(value) -> str:
+    from lightning_sp.models.llama import checkpointing_mode
+
+    return checkpointing_mode(value)
+
+
+def describe(r: dict) -> str:
+    tag = (f"train {r['model']} {r['strategy']} S={r['seq_len']} ckpt={r.get('checkpointing')} "
+           f"backend={r['backend']}")
+    if not r.get("completed"):
+        return f"{tag}: FAILED{' (out of memory)' if r.get('oom') else ''} {r['error'][:300]}"
+    mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
+    mem = f", peak {r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") is not None else ""
+    return (f"{tag} u{r['ulysses']}xr{r['ring']}xdp{r['dp']} kernel={r['kernel']}: {r['step_time_s']:.3f} s/step, "
+            f"{r['tokens_per_s']:,.0f} tokens/s, {r['tflops_per_gpu']:.1f} TFLOP/s per GPU{mfu}{mem}")
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
+        raise SystemExit(f"run {sys.argv[0]} with python, not torchrun: it starts a Lightning launch per length")
+    records = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
+        queue = list(args.seq_len)
+        while queue:
+            seq_len = queue.pop(0)
+            started = datetime.datetime.now().isoformat(timespec="seconds")
+            record = finish_record(args, launch(args, seq_len, workdir), started)
+            print(describe(record), flush=True)
+            common.append_record(args.out, record)
+            records.append(record)
+            if args.find_max and not queue and record["completed"] and 2 * seq_len <= args.max_seq_len:
+                queue.append(2 * seq_len)
+    if args.find_max:
+        done = [r["seq_len"] for r in records if r["completed"]]
+        failed = [r for r in records if not r["completed"]]
+        summary = dict(name="train_find_max", date=datetime.datetime.now().isoformat(timespec="seconds"),
+                       card=next((r["card"] for r in records if r.get("completed")), _card(args)),
+                       torch=torch.__version__, command=common.command_line(), model=args.model,
+                       strategy=args.strategy, checkpointing=records[-1].get("checkpointing"),
+                       devices=args.devices, longest_completed=max(done) if done else None,
+                       tried=[r["seq_len"] for r in records],
+                       first_failed=failed[0]["seq_len"] if failed else None,
+                       first_failure=failed[0]["error"] if failed else None,
+                       stopped_by=("failure" if failed else "max_seq_len"), max_seq_len=args.max_seq_len)
+        print(f"find_max: longest completed {summary['longest_completed']} tokens"
+              + (f"; {summary['first_failed']} failed: {summary['first_failure'][:200]}" if failed
+                 else f"; stopped at --max_seq_len {args.max_seq_len}"), flush=True)
+        common.append_record(args.out, summary)
+        records.append(summary)
+    return records
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+    sweep(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
