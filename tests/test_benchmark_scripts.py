@@ -279,3 +279,26 @@ def test_train_benchmark_find_max_survives_an_oom_on_one_rank(tmp_path):
     assert summary["name"] == "train_find_max" and summary["longest_completed"] == 32
     assert summary["tried"] == [32, 64] and summary["first_failed"] == 64 and summary["stopped_by"] == "failure"
     assert "find_max: longest completed 32 tokens" in text
+
+
+def test_memory_estimate_per_layer_costs():
+    """Fake tensors, no compute. What one more layer keeps per token: with full checkpointing its
+    fp32 input (4 x hidden bytes); with except_attention also the attention's bf16 q, k, v and output
+    and its fp32 log-sum-exp; without checkpointing more still. The chunked MLP lowers the peak."""
+    est = _module("estimate_memory")
+    c = dict(vocab_size=256, hidden_size=256, intermediate_size=1024, num_heads=4, num_kv_heads=2)
+    tokens, hd = 8192, 256 // 4
+
+    def peak(mode, layers, chunk=None):
+        return est.activation_peak(dict(c, num_layers=layers), dict(activation_checkpointing=mode,
+                                                                     mlp_chunk_size=chunk), tokens)
+
+    def per_layer(mode):
+        return (peak(mode, 3) - peak(mode, 2)) / tokens
+
+    full, selective, none = per_layer("full"), per_layer("except_attention"), per_layer("none")
+    assert full == 4 * c["hidden_size"]
+    attention = 2 * (2 * c["num_heads"] * hd + 2 * c["num_kv_heads"] * hd) + 4 * c["num_heads"]
+    assert selective == pytest.approx(full + attention, rel=0.05)
+    assert none > selective
+    assert peak("none", 2, chunk=1024) < peak("none", 2)
