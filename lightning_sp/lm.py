@@ -100,7 +100,9 @@ class CausalLM(L.LightningModule):
         if is_hf_model(self.model):
             total = causal_lm_loss_sum(self.model, batch, self.hparams.ignore_index)
         else:
-            total, _ = self.model.loss_sum(self(batch), labels, self.hparams.ignore_index)
+            # self.forward, not self(...): under FSDP a second call of the root module's hooks would
+            # reshard the (tied) LM head before loss_sum uses it
+            total, _ = self.model.loss_sum(self.forward(batch), labels, self.hparams.ignore_index)
         return exact_token_loss(total, (labels != self.hparams.ignore_index).sum())
 
     # -- training ------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ class CausalLM(L.LightningModule):
         length = int(batch.get("prompt_length", batch["input_ids"].shape[-1]))
         batch = self.prepare_batch(batch)
         with torch.no_grad():
-            out = self(batch)
+            out = self.forward(batch)  # see loss()
         pos = batch["position_ids"].expand(batch["input_ids"].shape)
         mine = pos[0] == length - 1  # the last prompt token, held by exactly one rank of the group
         if is_hf_model(self.model):

@@ -77,10 +77,10 @@ def test_the_large_experiment_is_the_documented_shape(tmp_path):
 # ----------------------------------------------------------------------- runs on a gloo world
 
 
-def _module(seed=0):
+def _module(seed=0, tie=False):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                         num_kv_heads=2, init_std=0.1)
+                         num_kv_heads=2, init_std=0.1, tie_word_embeddings=tie)
     return CausalLM(LlamaForCausalLM(config, loss_chunk_size=50), lr=3e-3, warmup_steps=2)
 
 
@@ -90,18 +90,20 @@ def _trainer(strategy, devices, **kw):
                       num_sanity_val_steps=0, limit_val_batches=0, **kw)
 
 
-def _sp_strategy():
-    return lightning_sp.UlyssesRingStrategy(ulysses_degree=2, ring_degree=2, ring_impl="zigzag")
+def _sp_strategy(fsdp=False):
+    cls = lightning_sp.UlyssesRingFSDPStrategy if fsdp else lightning_sp.UlyssesRingStrategy
+    return cls(ulysses_degree=2, ring_degree=2, ring_impl="zigzag")
 
 
-def _prefill(prompt_length: int):
+def _prefill(prompt_length: int, fsdp=False):
     """On every rank: trainer.predict under the strategy vs the model on the whole prompt."""
     import torch.distributed as dist
-    module = _module()
+    module = _module(tie=fsdp)
     ids = torch.randint(0, 264, (1, prompt_length), generator=torch.Generator().manual_seed(7))
     model = module.model.double()
-    want = model.logits(model(ids))[:, -1]
-    got = _trainer(_sp_strategy(), dist.get_world_size()).predict(
+    with torch.no_grad():
+        want = model.logits(model(ids))[:, -1]
+    got = _trainer(_sp_strategy(fsdp), dist.get_world_size()).predict(
         module, DataLoader([{"input_ids": ids, "prompt_length": prompt_length}], batch_size=None))[0]
     err = ((got - want).norm() / want.norm()).item()
     assert err < 1e-10, f"prefill logits differ from one process: {err}"
@@ -109,8 +111,9 @@ def _prefill(prompt_length: int):
 
 
 @pytest.mark.timeout(200)
-def test_sequence_parallel_prefill_gives_the_one_process_next_token_logits(worlds):
-    worlds(4).run(_prefill, 37, timeout=150)  # 37 tokens: padded to the layout's multiple of 8
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_sequence_parallel_prefill_gives_the_one_process_next_token_logits(worlds, fsdp):
+    worlds(4).run(_prefill, 37, fsdp, timeout=150)  # 37 tokens: padded to the layout's multiple of 8
 
 
 class _Losses(pl.Callback):
@@ -121,18 +124,29 @@ class _Losses(pl.Callback):
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
 
-def _fit(strategy, devices, steps):
+def _fit(strategy, devices, steps, tie=False):
     data = LMDataModule(LongRangeTask("copy", seq_len=48, num_samples=4 * steps, alphabet=8), batch_size=4,
                         shuffle=False)
     record = _Losses()
     # dp = 1: every rank reads the same batches in dataset order (Lightning's sampler would reshuffle)
-    _trainer(strategy, devices, max_steps=steps, callbacks=[record], use_distributed_sampler=False).fit(_module(), data)
+    _trainer(strategy, devices, max_steps=steps, callbacks=[record], use_distributed_sampler=False).fit(
+        _module(tie=tie), data)
     return record.losses
 
 
-def _fit_sp(steps):
+def _fit_sp(steps, fsdp=False):
     import torch.distributed as dist
-    return _fit(_sp_strategy(), dist.get_world_size(), steps)
+    return _fit(_sp_strategy(fsdp), dist.get_world_size(), steps, tie=fsdp)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_training_with_tied_embeddings_matches_one_process(worlds):
+    """CausalLM under UlyssesRingFSDPStrategy with a tied LM head (the llama_1b shape's setting)."""
+    want = _fit("auto", 1, 3, tie=True)
+    got = worlds(4).run(_fit_sp, 3, True, timeout=250)
+    for rank_losses in got:
+        diffs = [abs(a - b) / b for a, b in zip(rank_losses, want)]
+        assert len(rank_losses) == 3 and max(diffs) < 1e-8, f"FSDP losses {rank_losses} vs one process {want}"
 
 
 @pytest.mark.slow
