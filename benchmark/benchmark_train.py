@@ -281,7 +281,7 @@ def worker(spec_path: str) -> int:
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=1))
     if not trainer.is_global_zero:
         return 0
-    strategy, device = trainer.strategy, module.device
+    strategy, device = trainer.strategy, trainer.strategy.root_device  # the module is back on the CPU after fit
     world = trainer.world_size
     if spec["strategy"] == "ddp":
         ulysses = ring = 1

@@ -447,6 +447,10 @@ class UlyssesRingFSDPStrategy(UlyssesRingStrategy):
         fully_shard(model, **kw)
         return model
 
+    def _register_ddp_hooks(self) -> None:
+        """DDP communication hooks need a DistributedDataParallel module; FSDP2 has its own
+        reduce-scatter (DDPStrategy would assert on CUDA)."""
+
     def training_step(self, *args, **kwargs):
         # FSDP2 gathers parameters in forward hooks of the (in-place wrapped) module: call it through forward
         with self.precision_plugin.train_step_context():

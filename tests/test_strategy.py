@@ -328,3 +328,12 @@ def test_fsdp_resume_on_another_world_size(world4, tmp_path):
         assert [rec["idx"] for rec in res["record"]] == order[2:]
         assert all(abs(rec["mean"] - r) <= TOL * r for rec, r in zip(res["record"], losses[2:]))
         assert all(C.rel_err(res["params"][k], ref[k]) < TOL for k in ref)
+
+
+def test_fsdp_strategy_registers_no_ddp_comm_hooks_on_cuda(monkeypatch):
+    """On CUDA, DDPStrategy's configure_ddp asserts the model is DistributedDataParallel before it
+    registers comm hooks; the FSDP strategy's model is an FSDP2 module and must get through."""
+    strategy = lightning_sp.UlyssesRingFSDPStrategy(ulysses_degree=1, ring_degree=1)
+    monkeypatch.setattr(type(strategy), "root_device", property(lambda self: torch.device("cuda", 0)))
+    strategy.model = torch.nn.Linear(2, 2)
+    strategy._register_ddp_hooks()
