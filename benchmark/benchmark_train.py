@@ -105,6 +105,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dist_timeout", type=float, default=600,
                    help="seconds a collective may wait (the process group's timeout) before the rank gives up")
     p.add_argument("--out", default=None, help="JSON-lines file to append one record per launch to")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the timed steps, one more step under torch.profiler on global rank 0: trace and "
+                        "kernel table in DIR, a summary of the GPU time by kind of kernel in the record")
     p.add_argument("--quiet", action="store_true",
                    help="do not echo the launches' output (a failure still shows its tail)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: the spec file of one launch
@@ -156,6 +159,41 @@ class RandomTokens(torch.utils.data.Dataset):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _make_profiler(spec: dict):
+    """A callback that profiles the step after the timed ones on global rank 0 (so the profiler's
+    overhead never enters the timing); ``summary`` is common.summarize_trace of that step."""
+    import lightning as L
+    from torch.profiler import ProfilerActivity, profile
+
+    class StepProfiler(L.Callback):
+        def __init__(self):
+            self.prof, self.summary = None, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_rank == 0 and trainer.global_step == spec["warmup"] + spec["steps"]:
+                cuda = pl_module.device.type == "cuda"
+                self.prof = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
+                self.prof.__enter__()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if self.prof is None:
+                return
+            _sync(pl_module.device)
+            self.prof.__exit__(None, None, None)
+            os.makedirs(spec["profile"], exist_ok=True)
+            stem = os.path.join(spec["profile"], f"train_{spec['strategy']}_s{spec['seq_len']}_rank0")
+            self.prof.export_chrome_trace(stem + ".trace.json")
+            cuda = pl_module.device.type == "cuda"
+            with open(stem + ".key_averages.txt", "w") as f:
+                f.write(self.prof.key_averages().table(
+                    sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=50) + "\n")
+            self.summary = dict(common.summarize_trace(stem + ".trace.json", 1), trace=stem + ".trace.json",
+                                table=stem + ".key_averages.txt")
+            self.prof = None
+
+    return StepProfiler()
 
 
 def _make_timer(spec: dict):
@@ -271,10 +309,11 @@ def worker(spec_path: str) -> int:
     module = CausalLM(functools.partial(build_model, config_kwargs, model_kwargs, kernel_backend),
                       peak_tflops=spec["peak_tflops"])
     timer = _make_timer(spec)
-    total = spec["warmup"] + spec["steps"]
+    profiler = _make_profiler(spec) if spec.get("profile") else None
+    total = spec["warmup"] + spec["steps"] + (1 if profiler else 0)
     trainer = L.Trainer(accelerator=spec["accelerator"], devices=spec["devices"], num_nodes=1,
                         strategy=make_strategy(spec, config.num_heads), precision=spec["precision"], max_steps=total,
-                        gradient_clip_val=spec["gradient_clip_val"] or None, callbacks=[timer], logger=False,
+                        gradient_clip_val=spec["gradient_clip_val"] or None, callbacks=[timer, *([profiler] if profiler else [])], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1)
     data = RandomTokens(spec["seq_len"], config.vocab_size, total * spec["devices"], spec["seed"])
@@ -295,7 +334,7 @@ def worker(spec_path: str) -> int:
     except Exception as err:  # noqa: BLE001 -- the run completed; say why the kernel is unknown
         attention, kernel = "LongContextAttention", f"unknown ({common.error_text(err)[:200]})"
     tokens = spec["seq_len"] * dp
-    timed = timer.result["all_step_times_s"][spec["warmup"]:]
+    timed = timer.result["all_step_times_s"][spec["warmup"]:spec["warmup"] + spec["steps"]]
     step = statistics.median(timed)
     flops_token = config.flops_per_token(spec["seq_len"])
     n_flops = config.num_params() - (0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size)
@@ -322,7 +361,7 @@ def worker(spec_path: str) -> int:
         peak_reserved_gib=max(timer.result["peak_reserved_gib_per_rank"]) if per_rank else None,
         final_loss=metrics.get("train/loss"),
         module_logged={k: v for k, v in metrics.items() if k in ("train/tokens_per_s", "train/mfu")},
-        lightning=L.__version__, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), completed=True, error=None)
+        profile=profiler.summary if profiler else None, lightning=L.__version__, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), completed=True, error=None)
     with open(spec["record"], "w") as f:
         json.dump(record, f, default=str)
     return 0

@@ -204,6 +204,16 @@ def _union_us(intervals) -> float:
 
 
 COPY_WORDS = ("memcpy", "copy", "catarray", "memset", "fill")
+# kernel kinds by name: attention (FA4, cuDNN, torch's flash / efficient), matrix multiplies, NCCL
+KINDS = (("attention", ("flash", "fmha", "attention", "cudnn_generated")),
+         ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "matmul")), ("nccl", ("nccl",)))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    if any(w in low for w in COPY_WORDS):
+        return "copy"
+    return next((kind for kind, words in KINDS if any(w in low for w in words)), "other")
 
 
 def summarize_trace(path: str, iters: int) -> dict:
@@ -232,10 +242,15 @@ def summarize_trace(path: str, iters: int) -> dict:
         entry[1] += b - a
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])[:8]
     ms = 1e-3 / iters
+    by_kind: dict[str, float] = {}
+    for (a, b), e in zip(span, gpu):
+        kind = "copy" if e["cat"] != "kernel" else kernel_kind(e["name"])
+        by_kind[kind] = by_kind.get(kind, 0.0) + (b - a) * ms
     return dict(gpu_events=len(gpu), window_ms=window * ms, compute_ms=busy_compute * ms,
                 comm_ms=_union_us(comm) * ms, exposed_comm_ms=(busy - busy_compute) * ms,
                 idle_ms=(window - busy) * ms, copy_ms=copies * ms,
                 compute_busy_pct=100.0 * busy_compute / window if window else None,
+                kernel_ms_by_kind=by_kind,  # summed kernel time, overlaps counted twice
                 top_kernels=[dict(name=n, calls_per_iter=c / iters, ms_per_iter=t * ms) for n, (c, t) in top])
 
 

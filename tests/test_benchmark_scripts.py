@@ -186,6 +186,10 @@ def test_trace_summary_counts_exposed_comm_idle_and_copies(tmp_path):
     assert s["idle_ms"] == pytest.approx(0.060 / 2)
     assert s["copy_ms"] == pytest.approx(0.010 / 2)
     assert s["top_kernels"][0]["name"] == "flash_fwd_kernel" and s["top_kernels"][0]["calls_per_iter"] == 1
+    assert s["kernel_ms_by_kind"] == pytest.approx({"attention": 0.100, "nccl": 0.040, "copy": 0.005})
+    assert [common.kernel_kind(n) for n in ("nvjet_tst_128x256", "sm90_xmma_gemm_bf16", "vectorized_elementwise",
+                                            "cudnn_generated_fort_native_sdpa", "elementwise_copy")] == [
+        "matmul", "matmul", "other", "attention", "copy"]
 
 
 # ------------------------------------------------------------------------------ training benchmark
@@ -209,7 +213,7 @@ def train_launches(tmp_path_factory):
     """ulysses_ring and ddp, 2 gloo processes each, started together."""
     d = tmp_path_factory.mktemp("train")
     runs = {"ulysses_ring": ["--strategy", "ulysses_ring", "--seq_len", "64", "--checkpointing", "except_attention",
-                             "--peak_tflops", "1"],
+                             "--peak_tflops", "1", "--profile", str(d / "prof")],
             "ddp": ["--strategy", "ddp", "--seq_len", "48"]}
     procs = {k: (_train(a, str(d / f"{k}.jsonl")), str(d / f"{k}.jsonl")) for k, a in runs.items()}
     yield procs
@@ -247,6 +251,9 @@ def test_train_benchmark_ulysses_ring(train_launches):
     assert r["tokens_per_step"] == 64  # the two ranks share one sequence
     assert r["attention"] == "LongContextAttention" and r["backend"] == "auto" and r["kernel"] == "cpu_flash"
     assert r["checkpointing"] == "except_attention"
+    # --profile: one more step, profiled and not timed (_check_train saw 2 timed steps)
+    assert r["profile"]["gpu_events"] == 0 and os.path.getsize(r["profile"]["table"]) > 0  # cpu: no GPU activity
+    assert os.path.exists(r["profile"]["trace"])
     assert r["mfu"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"] / (1e12 * 2))  # --peak_tflops 1
     assert "train tiny ulysses_ring S=64" in out and "tokens/s" in out
 
