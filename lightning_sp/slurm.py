@@ -10,8 +10,13 @@ so the other ranks are not at the same point and the save can deadlock or write 
 * at every step boundary (``on_train_batch_end``: after the optimizer step) all ranks all-reduce the
   flag, so they agree on the same step;
 * they save ``hpc_ckpt_<n>.ckpt`` in ``trainer.default_root_dir`` (a collective save: rank 0
-  writes, everyone waits), flush the loggers, and rank 0 runs ``scontrol requeue``; then every
-  rank exits;
+  writes, everyone waits) and set ``trainer.should_stop``, so Lightning logs that step's metrics itself,
+  as it logs every step;
+* at the next hook Lightning calls after that log (the start of the next batch, of validation, the end
+  of the epoch or of training) they flush the loggers, stop listening to ``SIGTERM``, and only then does
+  rank 0 run ``scontrol requeue``; then every rank exits. The requeue is what makes SLURM end the job
+  (``SIGTERM``, then ``SIGKILL`` after ``KillWait``), so everything the next job relies on - the
+  checkpoint and every logged step - is on disk before it, and nothing after it matters;
 * the requeued job starts the same command in the same run directory, and Lightning resumes from the
   newest ``hpc_ckpt_*.ckpt`` there by itself (it does so whenever it runs under SLURM and
   ``fit(ckpt_path=None)``). The strategy's checkpoint holds the sampler position and the RNG state,
@@ -155,6 +160,7 @@ class SLURMRequeue(Callback):
         self.exit_code = exit_code
         self.requested = False
         self.saved_path: Path | None = None
+        self._requeue_pending = False  # checkpoint saved, waiting for Lightning to log the step
         self._previous: dict = {}
 
     # signals --------------------------------------------------------------------
@@ -166,10 +172,17 @@ class SLURMRequeue(Callback):
             signum = getattr(signal, name)
             self._previous[signum] = signal.signal(signum, self._handler)
 
-    def _restore(self) -> None:
-        for signum, previous in self._previous.items():
+    def _ignore_sigterm(self) -> None:
+        # `scontrol requeue` makes SLURM send SIGTERM to every task at once. Lightning's SIGTERM handler
+        # runs a collective (a broadcast from rank 0) inside the handler, on whichever rank it lands and
+        # wherever that rank is - it would meet our own broadcast and barrier out of order (gloo aborts
+        # with "Received data size doesn't match"). The job is leaving anyway: let SIGTERM pass.
+        self._previous.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, signal.SIG_IGN))
+
+    def _restore(self, *signums) -> None:
+        for signum in signums or list(self._previous):
+            previous = self._previous.pop(signum)
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
 
     # hooks ---------------------------------------------------------------------
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -184,46 +197,65 @@ class SLURMRequeue(Callback):
         # after Lightning and any wrapper (submitit) installed theirs: ours take over during training
         self._install()
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        self.requested = False
+        self._checkpoint(trainer)
+        # Lightning logs this step after on_train_batch_end (and always logs the step at which training
+        # stops), then leaves the loop; the requeue waits for the first hook after that log
+        trainer.should_stop = True
+        self._requeue_pending = self.requeue and SlurmJob.from_env() is not None
+
+    # the first hook Lightning calls after it logged the step (all ranks reach the same one):
+    def on_validation_start(self, trainer, pl_module) -> None:  # the step's validation, if it has one
+        self._requeue_if_pending(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # the step ended the epoch
+        self._requeue_if_pending(trainer)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # min_steps kept it going
+        self._requeue_if_pending(trainer)
+
     def on_train_end(self, trainer, pl_module) -> None:
+        self._requeue_if_pending(trainer)
         self._restore()
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._restore()
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            return
-        self.requested = False
-        self._checkpoint_and_requeue(trainer)
-
     # the work --------------------------------------------------------------------
-    def _checkpoint_and_requeue(self, trainer) -> None:
+    def _checkpoint(self, trainer) -> None:
         folder = trainer.default_root_dir
         path = trainer.strategy.broadcast(str(hpc_checkpoint_path(folder)) if trainer.is_global_zero else None, 0)
         trainer.save_checkpoint(path)  # every rank takes part; it ends in a barrier
         self.saved_path = Path(path)
+        rank_zero_info(f"lightning_sp.slurm: saved {path} after step {trainer.global_step}")
+
+    def _requeue_if_pending(self, trainer) -> None:
+        if not self._requeue_pending:
+            return
+        self._requeue_pending = False
+        # everything the requeued job relies on is written before the requeue: SLURM starts ending this
+        # job as soon as `scontrol requeue` returns (SIGTERM now, SIGKILL after KillWait)
         for logger in trainer.loggers:
             logger.save()
-        rank_zero_info(f"lightning_sp.slurm: saved {path} after step {trainer.global_step}")
+        self._ignore_sigterm()
+        trainer.strategy.barrier("lightning_sp.slurm.before_requeue")  # no rank still listens to SIGTERM
         job = SlurmJob.from_env()
         ok = False
-        if self.requeue and job is not None:
-            if trainer.is_global_zero:
-                run = subprocess.run(requeue_command(job), capture_output=True, text=True)
-                ok = run.returncode == 0
-                if not ok:
-                    rank_zero_warn(f"lightning_sp.slurm: `{' '.join(requeue_command(job))}` failed "
-                                   f"({run.returncode}): {run.stderr.strip()}; stopping after the checkpoint")
-                else:
-                    rank_zero_info(f"lightning_sp.slurm: requeued job {job.job_id}; exiting")
-            ok = trainer.strategy.broadcast(ok, 0)
-        if not ok:
-            trainer.should_stop = True
+        if trainer.is_global_zero:
+            run = subprocess.run(requeue_command(job), capture_output=True, text=True)
+            ok = run.returncode == 0
+            if not ok:
+                rank_zero_warn(f"lightning_sp.slurm: `{' '.join(requeue_command(job))}` failed "
+                               f"({run.returncode}): {run.stderr.strip()}; stopping after the checkpoint")
+            else:
+                rank_zero_info(f"lightning_sp.slurm: requeued job {job.job_id}; exiting")
+        ok = trainer.strategy.broadcast(ok, 0)
+        if not ok:  # should_stop ends training (unless min_steps keeps it going); the step is logged once
+            self._restore(signal.SIGTERM)
             return
-        # Lightning logs this step's metrics after on_train_batch_end, which this process will not reach
-        trainer._logger_connector.update_train_step_metrics()
-        for logger in trainer.loggers:
-            logger.save()
         # everyone has the answer before anyone leaves (a rank gone mid-collective resets its peers'
         # connections); the pause lets the barrier's last messages land
         trainer.strategy.barrier("lightning_sp.slurm.requeue")

@@ -57,6 +57,130 @@ def test_the_next_hpc_checkpoint_is_numbered_after_the_newest(tmp_path):
     assert hpc_checkpoint_path(tmp_path).name == "hpc_ckpt_10.ckpt"
 
 
+
+# ------------------------------------------------------------------------------ fast: the requeue in one process
+class _Exited(BaseException):
+    """What os._exit does in these tests: the process would end here."""
+
+
+def _requeue_trainer(root: Path, max_steps: int, signal_at: int | None, **trainer_kw):
+    """A one-process Trainer under a fake single-task SLURM job: SLURMRequeue, a CSV log in `root`, and a
+    callback that sends this process SIGUSR1 once `signal_at` steps have run (after SLURMRequeue looked:
+    it sees the flag one step later, like a signal that lands during a step)."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning_sp.slurm import SLURMRequeue
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            loss = self.layer(batch).pow(2).mean()
+            self.log("train/loss", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self.layer(batch).pow(2).mean())
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):  # after the callbacks' hook, like CausalLM's
+            self.log("train/after_callbacks", float(self.global_step))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(32, 4, generator=torch.Generator().manual_seed(0)), batch_size=2)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(4, 4), batch_size=2)
+
+    class Signal(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == signal_at:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    callbacks = [SLURMRequeue(), Signal()]
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, default_root_dir=root, callbacks=callbacks,
+                        logger=CSVLogger(root, name="logs"), log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **trainer_kw)
+    return trainer, Module()
+
+
+def _logged(version: Path) -> list[int]:
+    path = version / "metrics.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+@pytest.mark.parametrize("leaves_at", ["epoch_end", "validation", "next_batch"])
+def test_the_requeued_step_is_logged_before_the_requeue_and_never_again(leaves_at, tmp_path, monkeypatch):
+    """At the moment `scontrol requeue` runs - after which SLURM may kill the job at any time - the step the
+    checkpoint holds is already in metrics.csv (Lightning logged it, the logger saved it), the checkpoint is
+    on disk, and the SIGTERM that SLURM sends right away does not reach Lightning's handler (which runs a
+    collective). The requeued job then logs the remaining steps: each step once over the two job starts.
+    leaves_at: where the step's hook sequence reaches the requeue - the epoch's end (should_stop ends the
+    loop), the validation that should_stop runs, or the next batch (min_steps keeps the loop going)."""
+    import lightning_sp.slurm as slurm_mod
+    for key, value in {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NUM_NODES": "1",
+                       "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NAME": "test", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    kw = {"validation": {"val_check_interval": 1, "num_sanity_val_steps": 0},
+          "next_batch": {"min_steps": 8, "limit_val_batches": 0}}.get(leaves_at, {"limit_val_batches": 0})
+    trainer, module = _requeue_trainer(tmp_path, max_steps=8, signal_at=3, **kw)
+    at_requeue = {}
+
+    def scontrol(cmd, **_):
+        assert cmd == ["scontrol", "requeue", "77"]
+        at_requeue["logged"] = _logged(tmp_path / "logs" / "version_0")
+        at_requeue["checkpoints"] = sorted(p.name for p in tmp_path.glob("hpc_ckpt_*.ckpt"))
+        os.kill(os.getpid(), signal.SIGTERM)  # what SLURM does to every task as the requeue is accepted
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    def exit_(code):
+        raise _Exited(code)
+
+    monkeypatch.setattr(slurm_mod, "subprocess", type("FakeSubprocess", (), {"run": staticmethod(scontrol)}))
+    monkeypatch.setattr(slurm_mod, "time", type("NoSleep", (), {"sleep": staticmethod(lambda s: None)}))
+    monkeypatch.setattr(os, "_exit", exit_)
+    with pytest.raises(_Exited):
+        trainer.fit(module)
+    # the flag came during step 3 (0-based: global_step 4 at its end); the checkpoint holds it
+    assert at_requeue == {"logged": [0, 1, 2, 3], "checkpoints": ["hpc_ckpt_1.ckpt"]}, at_requeue
+    assert not trainer.received_sigterm
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
+        last = [r for r in csv.DictReader(f) if r.get("train/loss")][-1]
+    assert last["train/after_callbacks"] == "4.0"  # the whole step, the module's own on_train_batch_end included
+
+    # the requeued job: same directory, Lightning resumes from hpc_ckpt_1.ckpt by itself (under SLURM)
+    resumed, module = _requeue_trainer(tmp_path, max_steps=8, signal_at=None, **kw)
+    resumed.fit(module)
+    assert resumed.global_step == 8
+    assert _logged(tmp_path / "logs" / "version_0") + _logged(tmp_path / "logs" / "version_1") == list(range(8))
+
+
+def test_a_failed_requeue_stops_after_the_checkpoint_with_the_step_logged_once(tmp_path, monkeypatch):
+    import lightning_sp.slurm as slurm_mod
+    monkeypatch.setenv("SLURM_JOB_ID", "78")  # a job (SlurmJob) but Lightning not under srun: no auto-resume
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+
+    def scontrol(cmd, **_):
+        return subprocess.CompletedProcess(cmd, 1, "", "scontrol: error: Requested operation is presently disabled")
+
+    monkeypatch.setattr(slurm_mod, "subprocess", type("FakeSubprocess", (), {"run": staticmethod(scontrol)}))
+    sigterm = signal.getsignal(signal.SIGTERM)
+    trainer, module = _requeue_trainer(tmp_path, max_steps=8, signal_at=3, limit_val_batches=0)
+    with pytest.warns(UserWarning, match="failed .*stopping after the checkpoint"):
+        trainer.fit(module)  # returns: no exit
+    assert trainer.global_step == 4 and sorted(p.name for p in tmp_path.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
+    assert _logged(tmp_path / "logs" / "version_0") == [0, 1, 2, 3]
+    assert signal.getsignal(signal.SIGTERM) == sigterm
+
 @pytest.mark.parametrize("launcher", ["slurm", "slurm_cpu"])
 def test_submitit_launcher_configs_tie_tasks_and_nodes_to_the_trainer(launcher):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
