@@ -127,3 +127,10 @@ def test_head_groups(worlds, world, u, r, layout, causal, heads, kv, groups):
 def test_head_groups_packed_documents(worlds):
     errs = _run(worlds, 4, C.varlen_case, 2, 2, "zigzag", True, 8, 4, DOCS_CAUSAL, head_groups=2)
     assert max(max(e.values()) for e in errs) < 1e-10
+
+
+def test_head_groups_choice():
+    from lightning_sp.attention.ulysses import choose_head_groups
+    assert choose_head_groups(8, 8, 2, "auto") == 1 and choose_head_groups(8, 8, 2, 4) == 4
+    assert choose_head_groups(8, 2, 2, 1) == 1  # GQA: one KV head per rank allows no split
+    assert choose_head_groups(8, 8, 1, 2) == 1  # no Ulysses: nothing to overlap, one pass over all heads

@@ -33,7 +33,8 @@ def replicated_kv_heads(kv_heads: int, ulysses_size: int) -> int:
 
 def choose_head_groups(q_heads: int, kv_heads: int, ulysses_size: int, requested: int | str = "auto") -> int:
     """How many head groups the all-to-all pipeline uses. A group must hold whole query heads and
-    their KV heads on every rank, so G divides both per-rank head counts. ``auto`` is 1: on 2 H200s
+    their KV heads on every rank, so G divides both per-rank head counts. Without Ulysses there is
+    no all-to-all to overlap: any valid G gives 1. ``auto`` is 1: on 2 H200s
     (FA4, 32 heads of 128) 2 groups gained 0.5-1.6% at 32K and lost up to 0.7% at 128K, 4 groups lost
     up to 5% at 128K: the all-to-all's kernels mostly wait for free SMs instead of overlapping
     (benchmark/RESULTS.md, run 3)."""
@@ -47,7 +48,7 @@ def choose_head_groups(q_heads: int, kv_heads: int, ulysses_size: int, requested
             f"head_groups={requested!r} does not split the {q_heads // U} query and "
             f"{replicated_kv_heads(kv_heads, U) // U} key/value heads each rank attends into equal groups; "
             f"choose one of {valid} or 'auto'")
-    return requested
+    return requested if U > 1 else 1
 
 
 class HeadScatter:
