@@ -138,6 +138,10 @@ class LocalAttention(nn.Module):
 
 
 class Attention(nn.Module):
+    """The attention block's projections and its pluggable ``core``. It has no forward of its own:
+    ``DecoderLayer`` runs ``project``, the core and ``o_proj`` as separate parts, so that
+    checkpointing can recompute the projections without re-running the core."""
+
     def __init__(self, config: LlamaConfig):
         super().__init__()
         c = config
@@ -148,11 +152,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
         self.core = LocalAttention()
-
-    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None):
-        out = self.core(*self.project(x, position_ids, cu_seqlens is not None), causal=True,
-                        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return self.o_proj(out.reshape(*x.shape[:-1], -1))
 
     def project(self, x, position_ids, packed: bool = False):
         """q, k, v of ``x`` with rotary embeddings, as the core takes them: ``(batch, seq, heads,
