@@ -156,11 +156,6 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids.clone()}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _make_profiler(spec: dict):
     """A callback that profiles the step after the timed ones on global rank 0 (so the profiler's
     overhead never enters the timing); ``summary`` is common.summarize_trace of that step."""
@@ -180,7 +175,7 @@ def _make_profiler(spec: dict):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if self.prof is None:
                 return
-            _sync(pl_module.device)
+            common.synchronize(pl_module.device)
             self.prof.__exit__(None, None, None)
             os.makedirs(spec["profile"], exist_ok=True)
             stem = os.path.join(spec["profile"], f"train_{spec['strategy']}_s{spec['seq_len']}_rank0")
@@ -211,11 +206,11 @@ def _make_timer(spec: dict):
             if limit and spec["seq_len"] > int(limit) and trainer.global_rank == trainer.world_size - 1:
                 raise torch.OutOfMemoryError(f"simulated out of memory above {limit} tokens ({SIMULATE_OOM})")
             if self.start is None:
-                _sync(pl_module.device)
+                common.synchronize(pl_module.device)
                 self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            _sync(pl_module.device)
+            common.synchronize(pl_module.device)
             self.ends.append(time.perf_counter())
 
         def on_train_end(self, trainer, pl_module):

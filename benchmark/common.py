@@ -119,7 +119,7 @@ def attention_flops(batch: int, seq_len: int, nheads: int, head_dim: int, causal
     return fwd if fwd_only else 3.5 * fwd
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -131,7 +131,7 @@ def time_iterations(fn, warmup: int, iters: int, device: torch.device, group=Non
     the timed iterations (inputs included); ``peak_extra_gib`` subtracts what was allocated before."""
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     if dist.is_initialized():
         dist.barrier(group=group)
     cuda = device.type == "cuda"
@@ -179,12 +179,12 @@ def profile_iterations(fn, iters: int, out_dir: str, tag: str, rank: int, device
     os.makedirs(out_dir, exist_ok=True)
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    _sync(device)
+    synchronize(device)
     with profile(activities=activities) as prof:
         for _ in range(iters):
             fn()
             prof.step()
-        _sync(device)
+        synchronize(device)
     stem = os.path.join(out_dir, f"{tag}_rank{rank}")
     prof.export_chrome_trace(stem + ".trace.json")
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"

@@ -61,6 +61,13 @@ def _records(path):
         return [json.loads(line) for line in f]
 
 
+def _succeeded(proc, path):
+    """(records, output) of a launch that must end with status 0."""
+    rc, out = _finish(proc)
+    assert rc == 0, out[-3000:]
+    return _records(path), out
+
+
 def _check_timed(r, name, world):
     assert RECORD_FIELDS <= set(r), RECORD_FIELDS - set(r)
     assert r["name"] == name and r["world"] == world and r["card"] == "cpu"
@@ -112,10 +119,7 @@ def test_single_gpu_ceiling_records(launches):
 
 def test_ours_records(launches):
     _, procs = launches
-    proc, path = procs["ours"]
-    rc, out = _finish(proc)
-    assert rc == 0, out[-3000:]
-    records = _records(path)
+    records, _ = _succeeded(*procs["ours"])
     timed = [r for r in records if r["error"] is None]
     # per shape: u1 x r2 in zigzag and stripe, u2 x r1 once; u3 does not divide 2 -> one error record
     assert len(timed) == 4 * 3 and len(records) == 4 * 4
@@ -134,10 +138,7 @@ def test_ours_records(launches):
 
 def test_torch_cp_fails_clearly_on_cpu(launches):
     _, procs = launches
-    proc, path = procs["cp"]
-    rc, out = _finish(proc)
-    assert rc == 0, out[-3000:]
-    records = _records(path)
+    records, _ = _succeeded(*procs["cp"])
     assert [(r["kv_heads"], r["fwd_only"]) for r in records] == [(4, False), (2, False)]
     for r in records:
         assert RECORD_FIELDS <= set(r) and r["name"] == "torch_cp" and r["sdpa_backend"] == "flash"
@@ -242,10 +243,7 @@ def _check_train(r, strategy, seq_len):
 
 
 def test_train_benchmark_ulysses_ring(train_launches):
-    proc, path = train_launches["ulysses_ring"]
-    rc, out = _finish(proc)
-    assert rc == 0, out[-3000:]
-    [r] = _records(path)
+    [r], out = _succeeded(*train_launches["ulysses_ring"])
     _check_train(r, "ulysses_ring", 64)
     assert (r["ulysses"], r["ring"], r["dp"], r["layout"]) == (2, 1, 1, "zigzag")  # auto: Ulysses over both
     assert r["tokens_per_step"] == 64  # the two ranks share one sequence
@@ -259,10 +257,7 @@ def test_train_benchmark_ulysses_ring(train_launches):
 
 
 def test_train_benchmark_ddp_keeps_local_attention(train_launches):
-    proc, path = train_launches["ddp"]
-    rc, out = _finish(proc)
-    assert rc == 0, out[-3000:]
-    [r] = _records(path)
+    [r], _ = _succeeded(*train_launches["ddp"])
     _check_train(r, "ddp", 48)
     assert (r["ulysses"], r["ring"], r["dp"], r["layout"]) == (1, 1, 2, None)
     assert r["tokens_per_step"] == 2 * 48  # each GPU its own sequence
