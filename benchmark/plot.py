@@ -28,7 +28,8 @@ def group_key(r: dict) -> tuple:
 
 def config_key(r: dict) -> tuple:
     if r["name"] == "ours":
-        return ("ours", r.get("ulysses"), r.get("ring"), r.get("layout"), r.get("backend"), r.get("head_groups"))
+        return ("ours", r.get("ulysses"), r.get("ring"), r.get("layout"), r.get("backend"), r.get("head_groups"),
+                r.get("transport"))
     if r["name"] == "torch_cp":
         return ("torch_cp", r.get("sdpa_backend"), r.get("rotate"))
     return (r["name"], r.get("backend"))
@@ -65,12 +66,14 @@ def references(group: dict):
 def ours_sorted(group: dict) -> list[dict]:
     rows = [r for r in group.values() if r["name"] == "ours"]
     return sorted(rows, key=lambda r: (-r["ring"], r["ulysses"], r["layout"] or "", r["kernel"] or "",
-                                       r.get("head_groups") or 1))
+                                       r.get("head_groups") or 1, r.get("transport") or ""))
 
 
 def series_name(r) -> str:
     groups = r.get("head_groups") or 1
-    return f"{r['layout']} / {r['kernel']}" + (f" / {groups} head groups" if groups > 1 else "")
+    transport = r.get("transport") or "nccl"
+    return (f"{r['layout']} / {r['kernel']}" + (f" / {groups} head groups" if groups > 1 else "")
+            + (f" / {transport}" if transport != "nccl" else ""))
 
 
 def _ratio(a, b, fmt):

@@ -15,7 +15,7 @@
 # figures: OUT_DIR/plots/, everything the launches print: OUT_DIR/suite.log.
 #
 # Overrides for other machines or a CPU smoke run (environment): NPROC, SEQS, KVS, NHEADS, HEAD_DIM, DTYPE,
-# PYTHON, BACKENDS, SINGLE_BACKENDS, LAYOUTS, HEAD_GROUPS, SDPA, SDPA_GQA, PROFILE (0 = skip the profiled run),
+# PYTHON, BACKENDS, SINGLE_BACKENDS, LAYOUTS, HEAD_GROUPS, TRANSPORTS, SDPA, SDPA_GQA, PROFILE (0 = skip the profiled run),
 # PROFILE_SEQ (default: the longest of SEQS), SHORT_WARMUP/SHORT_ITERS (seq <= 32K),
 # LONG_WARMUP/LONG_ITERS, LIMIT_SHORT/LIMIT_LONG (seconds per launch), BUDGET (seconds for all launches).
 set -u
@@ -31,6 +31,7 @@ BACKENDS=${BACKENDS:-"fa4 cudnn"}
 SINGLE_BACKENDS=${SINGLE_BACKENDS:-$BACKENDS}
 LAYOUTS=${LAYOUTS:-"basic zigzag stripe"}
 HEAD_GROUPS=${HEAD_GROUPS:-"1 2 4"}
+TRANSPORTS=${TRANSPORTS:-"nccl copy_engine"}  # how our ranks exchange data (NCCL kernels, or the copy engines)
 SDPA=${SDPA:-cudnn}
 SDPA_GQA=${SDPA_GQA:-"$SDPA flash"}  # for KV heads < heads: flash too, in case this torch's CP cannot run cuDNN with GQA
 PROFILE=${PROFILE:-1}
@@ -101,7 +102,7 @@ for S in $SEQS; do
         --kv_heads $KVS --backend $SINGLE_BACKENDS --world "$NPROC"
     for KV in $KVS; do
         run ours "$LIMIT" "$RESULTS" "$S" "$KV" $TORCHRUN benchmark/benchmark_longctx_qkvpacked.py $COMMON \
-            --kv_heads "$KV" --ulysses_degree 1 2 --ring_impl_type $LAYOUTS --backend $BACKENDS --head_groups $HEAD_GROUPS
+            --kv_heads "$KV" --ulysses_degree 1 2 --ring_impl_type $LAYOUTS --backend $BACKENDS --head_groups $HEAD_GROUPS --transport $TRANSPORTS
         if [ "$KV" -lt "$NHEADS" ]; then CP_SDPA=$SDPA_GQA; else CP_SDPA=$SDPA; fi
         run torch_cp "$LIMIT" "$RESULTS" "$S" "$KV" $TORCHRUN benchmark/benchmark_torch_cp.py $COMMON \
             --kv_heads "$KV" --sdpa_backend $CP_SDPA --rotate allgather
@@ -113,7 +114,7 @@ if [ "$PROFILE" != 0 ]; then
     KV=${KVS%% *}
     run profile "$LIMIT_SHORT" "$OUT/profile.jsonl" "$S" "$KV" $TORCHRUN benchmark/benchmark_longctx_qkvpacked.py \
         $SHAPE --seq_len "$S" --kv_heads "$KV" --mode fwd_bwd --ulysses_degree 1 2 --ring_impl_type zigzag \
-        --backend $BACKENDS --head_groups $HEAD_GROUPS --warmup 1 --iters 2 --profile "$OUT/profile" --profile_iters 2 --out "$OUT/profile.jsonl"
+        --backend $BACKENDS --head_groups $HEAD_GROUPS --transport $TRANSPORTS --warmup 1 --iters 2 --profile "$OUT/profile" --profile_iters 2 --out "$OUT/profile.jsonl"
 fi
 
 echo "suite ran $((SECONDS - START)) s"

@@ -1,11 +1,61 @@
 """The two communication patterns of sequence parallelism: the ring's point-to-point exchange and
-the Ulysses all-to-all. Nothing else lives here."""
+the Ulysses all-to-all. Nothing else lives here.
+
+Both travel either through torch.distributed (NCCL on GPUs, gloo on CPUs) or, between the GPUs of
+one node, through the copy engines (:mod:`lightning_sp.copy_engine`: no SMs taken from the attention
+kernels the transfers should hide behind). ``set_transport`` chooses; ``auto`` takes the copy
+engines wherever a group can use them.
+"""
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.distributed as dist
 
-from .mesh import SPMesh
+from .mesh import SPConfigError, SPMesh
+
+TRANSPORTS = ("auto", "nccl", "copy_engine")
+_transport = "auto"
+_engines: dict = {}  # process group -> (CopyEngineTransport or None, why not)
+
+
+def set_transport(name: str) -> None:
+    """``auto`` (copy engines where the group's GPUs share a node, else torch.distributed), ``nccl``
+    (always torch.distributed) or ``copy_engine`` (raise where it cannot be used). Every rank must
+    choose the same, before the first exchange."""
+    global _transport
+    if name not in TRANSPORTS:
+        raise SPConfigError(f"unknown transport {name!r}; choose one of {', '.join(TRANSPORTS)}")
+    _transport = name
+
+
+def copy_engine_for(group, device: torch.device):
+    """The copy-engine transport of ``group``, or None to use torch.distributed. Collective at the
+    group's first exchange (every rank of a group exchanges in the same order)."""
+    if _transport == "nccl" or device.type != "cuda":
+        if _transport == "copy_engine":
+            raise SPConfigError(f"transport 'copy_engine' needs CUDA tensors, got {device.type}; "
+                                f"use set_transport('auto') or 'nccl'")
+        return None
+    if group not in _engines:
+        from . import copy_engine
+        reason = copy_engine.unavailable_reason(group)
+        _engines[group] = (None if reason else copy_engine.CopyEngineTransport(group), reason)
+    engine, reason = _engines[group]
+    if engine is None and _transport == "copy_engine":
+        raise SPConfigError(f"transport 'copy_engine' cannot be used: {reason}; use 'auto' or 'nccl'")
+    return engine
+
+
+set_transport(os.environ.get("LIGHTNING_SP_TRANSPORT", "auto"))
+
+
+def transport_buffer_bytes(uncounted_only: bool = False) -> int:
+    """GPU memory held by copy-engine transports; ``uncounted_only``: what torch's allocator
+    statistics (``max_memory_allocated``) miss, which a memory comparison must add."""
+    return sum(engine.buffer_bytes for engine, _ in _engines.values()
+               if engine is not None and not (uncounted_only and engine.counted_by_allocator))
 
 
 class _Pending:
@@ -32,18 +82,25 @@ class RingExchange:
         self.group = mesh.ring_group
         self.next_rank = mesh.ring_ranks[(rank + step) % size]
         self.prev_rank = mesh.ring_ranks[(rank - step) % size]
+        self.next_index, self.prev_index = (rank + step) % size, (rank - step) % size
 
-    def start(self, tensors) -> _Pending:
+    def start(self, tensors):
         tensors = [t.contiguous() for t in tensors]
+        engine = copy_engine_for(self.group, tensors[0].device)
+        if engine is not None:
+            return engine.send_recv(tensors, self.next_index, self.prev_index)
         received = [torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group) for t in tensors]
         ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group) for t in received]
         return _Pending(dist.batch_isend_irecv(ops), received)
 
 
-def start_all_to_all(x: torch.Tensor, group) -> _Pending:
+def start_all_to_all(x: torch.Tensor, group):
     """x is (U, ...): slice i goes to rank i of the group; slice i of the result (``wait()[0]``) came
     from rank i. Returns at once, like ``RingExchange.start``."""
+    engine = copy_engine_for(group, x.device)
+    if engine is not None:
+        return engine.all_to_all(x)
     out = torch.empty_like(x)
     work = dist.all_to_all_single(out, x.contiguous(), group=group, async_op=True)
     return _Pending([work], [out])

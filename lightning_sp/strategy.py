@@ -29,6 +29,7 @@ from torch.utils.data import DistributedSampler
 from . import layout as L
 from .attention import LongContextAttention
 from .attention.ulysses import check_heads
+from . import comm
 from .mesh import SPConfigError, SPMesh, check_degrees, init_sp_mesh
 
 DEFAULT_SHARD_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
@@ -69,6 +70,9 @@ class UlyssesRingStrategy(DDPStrategy):
         check_identical_samples: check on every batch (one all-gather) that all ranks of a
             sequence-parallel group received the same sample.
         pad_to_multiple: pad sequences to the layout's multiple (else such a sequence is an error).
+        transport: how the ring and the all-to-all move data between ranks (``lightning_sp.comm``):
+            ``auto`` (the GPUs' copy engines within a node, else torch.distributed), ``nccl``, or
+            ``copy_engine``.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy`.
     """
 
@@ -77,7 +81,7 @@ class UlyssesRingStrategy(DDPStrategy):
     def __init__(self, ulysses_degree: int | str = "auto", ring_degree: int | str = "auto", ring_impl: str = "zigzag",
                  backend: str | None = None, shift_labels: bool = True, ignore_index: int = -100,
                  shard_keys=None, attention_heads: int | None = None, check_identical_samples: bool = False,
-                 pad_to_multiple: bool = True, **kwargs: Any) -> None:
+                 pad_to_multiple: bool = True, transport: str = "auto", **kwargs: Any) -> None:
         for name, value in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
             if not _is_degree(value):
                 raise SPConfigError(f"{name} must be a positive int or 'auto', got {value!r}")
@@ -90,6 +94,9 @@ class UlyssesRingStrategy(DDPStrategy):
         self.attention_heads = attention_heads
         self.check_identical_samples = check_identical_samples
         self.pad_to_multiple = pad_to_multiple
+        if transport not in comm.TRANSPORTS:
+            raise SPConfigError(f"unknown transport {transport!r}; choose one of {', '.join(comm.TRANSPORTS)}")
+        self.transport = transport
         self._sp_mesh: SPMesh | None = None
         self._checked_stages: set = set()
         self._rng_to_restore: dict | None = None
@@ -115,6 +122,7 @@ class UlyssesRingStrategy(DDPStrategy):
         super().setup_environment()  # joins or creates the default process group
         ulysses, ring = self._resolve_degrees(self.world_size, self.num_processes, self._model_heads())
         self._sp_mesh = init_sp_mesh(ulysses, ring, device_type=self.root_device.type)
+        comm.set_transport(self.transport)
         if self.lightning_module is not None:  # LightningModule.device_mesh, e.g. for configure_model
             self.lightning_module._device_mesh = self._sp_mesh.device_mesh
         rank_zero_info(f"{type(self).__name__}: {self._sp_mesh.describe()}, layout {self.ring_impl!r}")

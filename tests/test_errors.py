@@ -65,3 +65,18 @@ def test_return_attn_probs_gives_lse():
     ref = torch.logsumexp((q.transpose(1, 2) @ q.permute(0, 2, 3, 1)) * 0.5
                           + torch.full((8, 8), float("-inf")).triu(1), -1)
     assert probs is None and lse.shape == (1, 2, 8) and torch.allclose(lse, ref)
+
+
+def test_transport_choices():
+    from lightning_sp import comm
+    with pytest.raises(SPConfigError, match="unknown transport 'ib'; choose one of auto, nccl, copy_engine"):
+        comm.set_transport("ib")
+    with pytest.raises(SPConfigError, match="unknown transport 'shm'; choose one of auto, nccl, copy_engine"):
+        lightning_sp.UlyssesRingStrategy(transport="shm")
+    # the copy engines move CUDA memory only: asking for them with CPU tensors is an error, not a fallback
+    comm.set_transport("copy_engine")
+    try:
+        with pytest.raises(SPConfigError, match="transport 'copy_engine' needs CUDA tensors, got cpu"):
+            comm.start_all_to_all(torch.zeros(1, 4), None)
+    finally:
+        comm.set_transport("auto")
