@@ -72,7 +72,8 @@ class UlyssesRingStrategy(DDPStrategy):
         pad_to_multiple: pad sequences to the layout's multiple (else such a sequence is an error).
         transport: how the ring and the all-to-all move data between ranks (``lightning_sp.comm``):
             ``auto`` (the GPUs' copy engines within a node, else torch.distributed), ``nccl``, or
-            ``copy_engine``.
+            ``copy_engine``; None keeps ``lightning_sp.comm``'s setting (``auto``, or the
+            ``LIGHTNING_SP_TRANSPORT`` environment variable).
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy`.
     """
 
@@ -81,7 +82,7 @@ class UlyssesRingStrategy(DDPStrategy):
     def __init__(self, ulysses_degree: int | str = "auto", ring_degree: int | str = "auto", ring_impl: str = "zigzag",
                  backend: str | None = None, shift_labels: bool = True, ignore_index: int = -100,
                  shard_keys=None, attention_heads: int | None = None, check_identical_samples: bool = False,
-                 pad_to_multiple: bool = True, transport: str = "auto", **kwargs: Any) -> None:
+                 pad_to_multiple: bool = True, transport: str | None = None, **kwargs: Any) -> None:
         for name, value in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
             if not _is_degree(value):
                 raise SPConfigError(f"{name} must be a positive int or 'auto', got {value!r}")
@@ -94,7 +95,7 @@ class UlyssesRingStrategy(DDPStrategy):
         self.attention_heads = attention_heads
         self.check_identical_samples = check_identical_samples
         self.pad_to_multiple = pad_to_multiple
-        if transport not in comm.TRANSPORTS:
+        if transport is not None and transport not in comm.TRANSPORTS:
             raise SPConfigError(f"unknown transport {transport!r}; choose one of {', '.join(comm.TRANSPORTS)}")
         self.transport = transport
         self._sp_mesh: SPMesh | None = None
@@ -122,7 +123,8 @@ class UlyssesRingStrategy(DDPStrategy):
         super().setup_environment()  # joins or creates the default process group
         ulysses, ring = self._resolve_degrees(self.world_size, self.num_processes, self._model_heads())
         self._sp_mesh = init_sp_mesh(ulysses, ring, device_type=self.root_device.type)
-        comm.set_transport(self.transport)
+        if self.transport is not None:
+            comm.set_transport(self.transport)
         if self.lightning_module is not None:  # LightningModule.device_mesh, e.g. for configure_model
             self.lightning_module._device_mesh = self._sp_mesh.device_mesh
         rank_zero_info(f"{type(self).__name__}: {self._sp_mesh.describe()}, layout {self.ring_impl!r}")
