@@ -1,6 +1,8 @@
-"""Summing block results: outputs merged through their log-sum-exp, gradients added. Both stay in
-the kernel's own dtype while a single block covers every row, and move to float32 (float64 stays
-float64) at the first real merge, so a sum of several blocks is rounded once, at the end."""
+"""Summing block results: outputs merged through their log-sum-exp, gradients added. Every sum of
+several blocks is computed in float32 (float64 stays float64) and rounded once, at the end. While
+a row holds a single block it stays in the kernel's own dtype, and where a row gets at most two
+blocks the second is added (or merged) onto the first in place, on its rows only: the float32
+math and the one rounding are the same, without a float32 copy of the whole tensor."""
 from __future__ import annotations
 
 import torch
@@ -20,21 +22,36 @@ def _whole(sel) -> bool:
 
 
 class PartialSum:
-    """A running sum of per-block gradients over rows of a tensor of ``shape``."""
+    """A running sum of per-block gradients over rows of a tensor of ``shape``, in kernel dtype ``dtype``.
+
+    While every row has at most one term the value stays in the kernel dtype (a first term over
+    some rows only is copied into zeros, exactly). A second term over a slice of rows is kept
+    pending and added by ``result`` in place in the kernel dtype: half-precision ``add_`` computes
+    in float32 and rounds once, so that equals the float32 sum rounded. A third term, or an
+    index-tensor selection, moves the sum to float32 as a whole, rounded once by ``result``.
+
+    A ``start`` in the kernel dtype counts as one term per row (the ring's first-hop dK/dV message).
+    The sum is written into the first whole term it is given (or ``start``): pass tensors it may
+    own, such as kernel outputs and received ring buffers.
+    """
 
     def __init__(self, shape, dtype, device, seq_dim: int, start: torch.Tensor | None = None):
-        self.shape, self.acc_dtype, self.device, self.seq_dim = shape, lse_dtype(dtype), device, seq_dim
-        self.value = start  # a block result kept as it came, or the float32 sum
-
-    def _widen(self):
-        if self.value is None:
-            self.value = torch.zeros(self.shape, dtype=self.acc_dtype, device=self.device)
-        elif self.value.dtype != self.acc_dtype:
-            self.value = self.value.to(self.acc_dtype)
+        self.shape, self.dtype, self.device, self.seq_dim = shape, dtype, device, seq_dim
+        self.acc_dtype = lse_dtype(dtype)
+        self.value = start  # None, at most one term per row (kernel dtype), or the float32 sum
+        self.pending = None  # (sel, part): a second term, added when the result is taken
 
     def add(self, sel, part: torch.Tensor) -> None:
-        if self.value is None and _whole(sel):
-            self.value = part
+        if self.value is None and isinstance(sel, slice):  # a first term
+            if _whole(sel):
+                self.value = part
+            else:
+                self.value = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+                take(self.value, sel, self.seq_dim).copy_(part)
+            return
+        if (self.value is not None and self.value.dtype != self.acc_dtype and self.pending is None
+                and isinstance(sel, slice)):  # a second term
+            self.pending = (sel, part)
             return
         self._widen()
         if isinstance(sel, slice):
@@ -42,36 +59,67 @@ class PartialSum:
         else:
             self.value.index_add_(self.seq_dim, sel, part.to(self.acc_dtype))
 
+    def _widen(self) -> None:
+        """Move to the float32 sum, the pending term included."""
+        if self.value is None:
+            self.value = torch.zeros(self.shape, dtype=self.acc_dtype, device=self.device)
+        elif self.value.dtype != self.acc_dtype:
+            self.value = self.value.to(self.acc_dtype)
+        self._add_pending()
+
+    def _add_pending(self) -> None:
+        if self.pending is not None:
+            sel, part = self.pending
+            self.pending = None
+            take(self.value, sel, self.seq_dim).add_(part)
+
     def result(self, dtype) -> torch.Tensor:
         if self.value is None:
             return torch.zeros(self.shape, dtype=dtype, device=self.device)
+        if self.pending is not None and dtype != self.value.dtype:
+            self._widen()
+        self._add_pending()  # in the kernel dtype: the two-term sum, rounded once
         return self.value.to(dtype)
 
 
 class OutputAccumulator:
-    """The running (out, lse) of the attention rows of q; lse is kept in q's row layout, q.shape[:-1]."""
+    """The running (out, lse) of the attention rows of q; lse is kept in q's row layout, q.shape[:-1].
 
-    def __init__(self, q: torch.Tensor, seq_dim: int):
+    ``merges_once``: every row gets at most two blocks, all selected by slices. Then a narrow out
+    (bfloat16, float16) is never widened as a whole: each row is merged at most once, in float32 on
+    the rows the block touches, and written back rounded once into the out of the first block.
+    """
+
+    def __init__(self, q: torch.Tensor, seq_dim: int, merges_once: bool = False):
         self.shape, self.device, self.seq_dim = q.shape, q.device, seq_dim
         self.dtype = lse_dtype(q.dtype)
+        self.in_place = merges_once and q.dtype != self.dtype
+        self.out_dtype = q.dtype if self.in_place else self.dtype  # of out once something is merged
         self.out = self.lse = None
 
     def add(self, sel, out: torch.Tensor, lse: torch.Tensor) -> None:
         """Merge a block result for rows ``sel``: out like q's rows, lse like q.shape[:-1]."""
+        lse = lse.to(self.dtype)
         if self.out is None and _whole(sel):  # the first block covering every row: nothing to merge with
-            self.out, self.lse = out, lse.to(self.dtype)
+            self.out, self.lse = out, lse
             return
         if self.out is None:
-            self.out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            self.out = torch.zeros(self.shape, dtype=self.out_dtype, device=self.device)
             self.lse = torch.full(self.shape[:-1], float("-inf"), dtype=self.dtype, device=self.device)
-        elif self.out.dtype != self.dtype:
-            self.out = self.out.to(self.dtype)
+        elif self.out.dtype != self.out_dtype:
+            self.out = self.out.to(self.out_dtype)
         d = self.seq_dim
-        if isinstance(sel, slice):
-            merge_(take(self.out, sel, d), take(self.lse, sel, d), out, lse.to(self.dtype))
+        acc_lse = take(self.lse, sel, d)
+        if self.in_place:
+            rows = take(self.out, sel, d)
+            acc_out = rows.to(self.dtype)
+            merge_(acc_out, acc_lse, out, lse)
+            rows.copy_(acc_out)
+        elif isinstance(sel, slice):
+            merge_(take(self.out, sel, d), acc_lse, out, lse)
         else:
-            acc_out, acc_lse = take(self.out, sel, d), take(self.lse, sel, d)
-            merge_(acc_out, acc_lse, out, lse.to(self.dtype))
+            acc_out = take(self.out, sel, d)
+            merge_(acc_out, acc_lse, out, lse)
             self.out.index_copy_(d, sel, acc_out)
             self.lse.index_copy_(d, sel, acc_lse)
 
@@ -86,4 +134,3 @@ def merge_(out_a, lse_a, out_b, lse_b) -> None:
     lse_a.copy_(total.log().add_(m))
     inv = total.clamp_min_(torch.finfo(total.dtype).tiny).reciprocal_()
     out_a.mul_(wa.mul_(inv).unsqueeze(-1)).addcmul_(out_b, wb.mul_(inv).unsqueeze(-1))
-

@@ -9,7 +9,7 @@ from functools import cached_property
 import torch
 
 from ..comm import RingExchange
-from ..kernels import select_kernel
+from ..kernels import lse_dtype, select_kernel
 from ..layout import block_schedule
 from ..mesh import SPMesh
 from .merge import OutputAccumulator, PartialSum, take
@@ -56,6 +56,31 @@ class StepPlan:
         return [self._calls(mesh.ring_rank, (mesh.ring_rank - step) % mesh.ring_size)
                 for step in range(mesh.ring_size)]
 
+    @cached_property
+    def merges_once(self) -> bool:
+        """Dense: every query row of this rank gets at most two blocks over the whole ring (see
+        OutputAccumulator)."""
+        if self.spec.cu_seqlens is not None:
+            return False
+        return _max_depth([call.q_sel for calls in self.steps for call in calls], self.n_local) <= 2
+
+    @cached_property
+    def _first_hop_single(self) -> bool:
+        """Dense: at backward step 0 (the forward's last step) the calls of every ring rank give each
+        key row at most one term."""
+        if self.spec.cu_seqlens is not None:
+            return False
+        R = self.spec.mesh.ring_size
+        return all(_max_depth([call.k_sel for call in self._calls(r, (r + 1) % R)], self.n_local) <= 1
+                   for r in range(R))
+
+    def grad_send_dtype(self, step: int, dtype: torch.dtype) -> torch.dtype:
+        """The dtype in which backward step ``step`` sends its dK/dV partial sums: float32, so that the
+        owner rounds the whole sum once, except at the first hop where every rank's sum is a single
+        term per row, already exact in the kernel dtype. Every ring rank decides alike, since the
+        receive buffers are made like the tensors sent."""
+        return dtype if step == 0 and self._first_hop_single else lse_dtype(dtype)
+
     def _calls(self, q_rank: int, kv_rank: int) -> list[BlockCall]:
         s = self.spec
         R = s.mesh.ring_size
@@ -94,6 +119,12 @@ def _slice(start: int, stop: int, n: int) -> slice:
     return slice(None) if (start, stop) == (0, n) else slice(start, stop)
 
 
+def _max_depth(sels, n: int) -> int:
+    """How many of the slices (of rows 0..n-1) cover the row that most of them cover."""
+    spans = [sel.indices(n)[:2] for sel in sels]
+    return max((sum(a <= row < b for a, b in spans) for row, _ in spans), default=0)
+
+
 def _doc_spans(cu):
     return [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
 
@@ -127,7 +158,7 @@ def ring_forward(spec: RingSpec, q, k, v):
     attention over the whole ring. The backward starts from that last block (see ring_backward)."""
     plan = StepPlan(spec, q.shape[spec.seq_dim], q.device)
     ring = RingExchange(spec.mesh) if spec.mesh.ring_size > 1 else None
-    acc = OutputAccumulator(q, spec.seq_dim)
+    acc = OutputAccumulator(q, spec.seq_dim, merges_once=plan.merges_once)
     kv = [k, v]
     for step, calls in enumerate(plan.steps):
         pending = ring.start(kv) if step + 1 < len(plan.steps) else None
@@ -161,7 +192,8 @@ def ring_backward(spec: RingSpec, plan: StepPlan, dout, q, k, v, out, lse, last_
             dq.add(call.q_sel, gq)
             dk.add(call.k_sel, gk)
             dv.add(call.k_sel, gv)
-        if step < last:  # partial sums travel in float32 and are rounded once, by the owner
-            dkv_pending = ring.start([dk.result(dk.acc_dtype), dv.result(dv.acc_dtype)])
+        if step < last:  # the owner rounds the sum, once (see StepPlan.grad_send_dtype)
+            dtype = plan.grad_send_dtype(step, k.dtype)
+            dkv_pending = ring.start([dk.result(dtype), dv.result(dtype)])
         kv = kv_pending.wait() if kv_pending is not None else [k, v]
     return dq.result(q.dtype), dk.result(k.dtype), dv.result(v.dtype)
