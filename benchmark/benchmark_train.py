@@ -16,11 +16,13 @@ one fails (or passes ``--max_seq_len``) and reports the longest that completed i
 Timing: a callback synchronizes the GPU at the end of every training step; a step's time is the
 interval between the ends of consecutive steps (the whole loop: data, sharding, forward, backward,
 optimizer, logging), the slowest rank's, and the first ``--warmup`` steps are not timed (FA4
-compiles its kernels in the first step). MFU = tokens/s x model FLOPs per token / (peak x GPUs) with
-``LlamaConfig.flops_per_token``: 6 x the parameters used in matmuls (all but the input embedding
-lookup; tied embeddings count once, as the LM head) + the attention's 12 x layers x heads x head_dim
-x seq_len, halved for causal; recomputation (checkpointing) is not counted. Tokens are global: under
-``ddp`` every GPU trains its own sequence, under ``ulysses_ring`` the ranks of a group share one.
+compiles its kernels in the first step, and so does ``--compile``, the model's ``compile_blocks``:
+torch.compile of each layer's parts around the core attention). MFU = tokens/s x model FLOPs per
+token / (peak x GPUs) with ``LlamaConfig.flops_per_token``: 6 x the parameters used in matmuls (all
+but the input embedding lookup; tied embeddings count once, as the LM head) + the attention's 12 x
+layers x heads x head_dim x seq_len, halved for causal; recomputation (checkpointing) is not counted.
+Tokens are global: under ``ddp`` every GPU trains its own sequence, under ``ulysses_ring`` the ranks
+of a group share one.
 
 With ``--strategy ddp`` the model keeps its own attention (``--backend local``: torch SDPA on the
 whole sequence of each GPU) unless ``--backend`` names a kernel (fa4, cudnn, ...): then each layer
@@ -86,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="activation checkpointing (default: the model config's)")
     p.add_argument("--mlp_chunk_size", type=int, default=None,
                    help="tokens per MLP chunk, recomputed in the backward (default: the model config's)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="compile_blocks: torch.compile each layer's parts around the core attention (norms, "
+                        "projections, RoPE, MLP, residuals; compiled in the warmup) (default: the model config's)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps; the median is reported")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (at least 1; FA4 compiles here)")
     p.add_argument("--accelerator", default=None, help="gpu (default when CUDA is there) or cpu")
@@ -299,6 +304,8 @@ def worker(spec_path: str) -> int:
         model_kwargs["activation_checkpointing"] = spec["checkpointing"]
     if spec["mlp_chunk_size"] is not None:
         model_kwargs["mlp_chunk_size"] = spec["mlp_chunk_size"]
+    if spec["compile"] is not None:
+        model_kwargs["compile_blocks"] = spec["compile"]
     config = LlamaConfig(**config_kwargs)
     kernel_backend = None if spec["strategy"] != "ddp" or spec["backend"] == LOCAL else spec["backend"]
     module = CausalLM(functools.partial(build_model, config_kwargs, model_kwargs, kernel_backend),
@@ -344,6 +351,7 @@ def worker(spec_path: str) -> int:
         attention=attention, kernel=kernel,
         checkpointing=checkpointing_mode(model_kwargs.get("activation_checkpointing")),
         mlp_chunk_size=model_kwargs.get("mlp_chunk_size"), loss_chunk_size=model_kwargs.get("loss_chunk_size"),
+        compile=bool(model_kwargs.get("compile_blocks", False)),
         config=dataclasses.asdict(config), num_params=config.num_params(), flops_params=n_flops,
         flops_params_note="parameters in the 6N term: all but the input embedding lookup (tied embeddings count "
                           "once, as the LM head)",
@@ -444,6 +452,7 @@ def finish_record(args: argparse.Namespace, record: dict, started: str) -> dict:
     _, model = load_model_config(args.model)  # what the launch would have used, for failures
     record.setdefault("checkpointing", args.checkpointing or _mode(model.get("activation_checkpointing")))
     record.setdefault("mlp_chunk_size", args.mlp_chunk_size or model.get("mlp_chunk_size"))
+    record.setdefault("compile", bool(model.get("compile_blocks", False) if args.compile is None else args.compile))
     return {**head, **record, "args": {k: v for k, v in vars(args).items() if k != "worker"}}
 
 
@@ -468,7 +477,7 @@ def _mode(value) -> str:
 
 def describe(r: dict) -> str:
     tag = (f"train {r['model']} {r['strategy']} S={r['seq_len']} ckpt={r.get('checkpointing')} "
-           f"backend={r['backend']}")
+           f"backend={r['backend']}{' compiled' if r.get('compile') else ''}")
     if not r.get("completed"):
         return f"{tag}: FAILED{' (out of memory)' if r.get('oom') else ''} {r['error'][:300]}"
     mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""

@@ -200,7 +200,7 @@ TRAIN = [sys.executable, os.path.join(BENCH, "benchmark_train.py"), "--model", "
 TRAIN_FIELDS = {"name", "card", "date", "torch", "command", "model", "strategy", "world", "ulysses", "ring", "dp",
                 "layout", "backend", "attention", "kernel", "checkpointing", "seq_len", "tokens_per_step",
                 "step_time_s", "all_step_times_s", "tokens_per_s", "flops_per_token", "flops_params",
-                "flops_params_note", "mfu", "peak_mem_gib", "peak_mem_gib_per_rank", "completed", "error", "args"}
+                "flops_params_note", "mfu", "peak_mem_gib", "peak_mem_gib_per_rank", "compile", "completed", "error", "args"}
 
 
 def _train(args, out, env=None):
@@ -215,7 +215,7 @@ def train_launches(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     runs = {"ulysses_ring": ["--strategy", "ulysses_ring", "--seq_len", "64", "--checkpointing", "except_attention",
                              "--peak_tflops", "1", "--profile", str(d / "prof")],
-            "ddp": ["--strategy", "ddp", "--seq_len", "48"]}
+            "ddp": ["--strategy", "ddp", "--seq_len", "48", "--compile"]}
     procs = {k: (_train(a, str(d / f"{k}.jsonl")), str(d / f"{k}.jsonl")) for k, a in runs.items()}
     yield procs
     for proc, _ in procs.values():
@@ -248,7 +248,7 @@ def test_train_benchmark_ulysses_ring(train_launches):
     assert (r["ulysses"], r["ring"], r["dp"], r["layout"]) == (2, 1, 1, "zigzag")  # auto: Ulysses over both
     assert r["tokens_per_step"] == 64  # the two ranks share one sequence
     assert r["attention"] == "LongContextAttention" and r["backend"] == "auto" and r["kernel"] == "cpu_flash"
-    assert r["checkpointing"] == "except_attention"
+    assert r["checkpointing"] == "except_attention" and r["compile"] is False  # tiny.yaml's compile_blocks
     # --profile: one more step, profiled and not timed (_check_train saw 2 timed steps)
     assert r["profile"]["gpu_events"] == 0 and os.path.getsize(r["profile"]["table"]) > 0  # cpu: no GPU activity
     assert os.path.exists(r["profile"]["trace"])
@@ -263,6 +263,7 @@ def test_train_benchmark_ddp_keeps_local_attention(train_launches):
     assert r["tokens_per_step"] == 2 * 48  # each GPU its own sequence
     assert (r["attention"], r["backend"], r["kernel"]) == ("LocalAttention", "local", "torch_sdpa")
     assert r["checkpointing"] == "none" and r["mfu"] is None  # tiny.yaml's mode; no peak known on cpu
+    assert r["compile"] is True  # --compile: the layers' parts around the attention compiled (inductor)
 
 
 @pytest.mark.slow

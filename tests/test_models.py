@@ -289,3 +289,147 @@ def test_swapped_model_matches_one_process_ring_only_stripe(worlds):
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 def test_except_attention_checkpointing_matches_one_process_when_sequence_parallel(worlds, packed):
     worlds(4).run(_sp_case, "ours", packed, 2, 2, "zigzag", "except_attention", timeout=120)
+
+
+# --------------------------------------------------------------------------------- compile_blocks
+
+
+def _loss_and_grads(model, batch):
+    """The token-mean loss through the model's chunked loss and every parameter's gradient."""
+    model.zero_grad()
+    hidden = model(batch["input_ids"], batch.get("position_ids"), batch.get("cu_seqlens"), batch.get("max_seqlen"))
+    total, count = model.loss_sum(hidden, batch["labels"])
+    loss = total / count
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _compile_case(packed):
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(7))
+    batch = {"input_ids": ids, "labels": shifted(ids)}
+    if packed:
+        batch.update(position_ids=torch.cat([torch.arange(6), torch.arange(10)])[None],
+                     cu_seqlens=torch.tensor([0, 6, 16]), max_seqlen=10)
+    return batch
+
+
+@pytest.fixture
+def compile_backend(monkeypatch):
+    """compile_blocks with a given torch.compile backend, from a clean dynamo cache (so the counters
+    see this test's compilations only)."""
+    from torch._dynamo.utils import counters
+
+    from lightning_sp.models import llama
+
+    def use(backend):
+        monkeypatch.setattr(llama, "_compiled_parts", lambda: parts(backend))
+        return counters
+
+    parts = llama._compiled_parts
+    torch._dynamo.reset()
+    parts.cache_clear()
+    counters.clear()
+    yield use
+    torch._dynamo.reset()
+    parts.cache_clear()
+
+
+def _check_compiled_matches_eager(mode, packed, mlp_chunk_size, tol=1e-12):
+    batch = _compile_case(packed)
+    want_loss, want = _loss_and_grads(tiny(activation_checkpointing=mode, mlp_chunk_size=mlp_chunk_size), batch)
+    model = tiny(activation_checkpointing=mode, mlp_chunk_size=mlp_chunk_size, compile_blocks=True)
+    for _ in range(2):  # the second step runs the cached compilation
+        got_loss, got = _loss_and_grads(model, batch)
+        assert abs(got_loss.item() - want_loss.item()) <= tol * abs(want_loss.item())
+        assert set(got) == set(want) and all(rel(got[n], g) < tol for n, g in want.items())
+
+
+@pytest.mark.parametrize("mode, packed, mlp_chunk_size", [("none", False, None), ("full", True, 5),
+                                                      ("except_attention", True, None), ("except_attention", False, 5)])
+def test_compile_blocks_matches_eager_aot(compile_backend, mode, packed, mlp_chunk_size):
+    """The compiled layers' parts (traced and differentiated by AOTAutograd, run eagerly: fast)
+    give the eager model's loss and gradients, under every checkpointing mode."""
+    compile_backend("aot_eager")
+    _check_compiled_matches_eager(mode, packed, mlp_chunk_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mlp_chunk_size", [None, 5])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("mode", ["none", "full", "except_attention"])
+def test_compile_blocks_matches_eager_inductor(compile_backend, mode, packed, mlp_chunk_size):
+    """The same with inductor, the default backend (C++ kernels on the CPU): float64, to 1e-12."""
+    compile_backend("inductor")
+    _check_compiled_matches_eager(mode, packed, mlp_chunk_size)
+
+
+@pytest.mark.parametrize("mode", ["none", "except_attention"])
+def test_compile_blocks_compiles_once_for_every_layer(compile_backend, mode):
+    """Four layers, two training steps (the recomputation in the backward pass included): one graph
+    per part, the parts before and after the core attention; evaluation (no gradients) adds one each."""
+    counters = compile_backend("aot_eager")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
+                         num_kv_heads=2)
+    model = LlamaForCausalLM(config, activation_checkpointing=mode, compile_blocks=True).double()
+    batch = _compile_case(packed=False)
+    for _ in range(2):
+        _loss_and_grads(model, batch)
+    assert counters["stats"]["unique_graphs"] == 2
+    assert not counters["graph_break"]
+    with torch.no_grad():
+        model(batch["input_ids"])
+    assert counters["stats"]["unique_graphs"] == 4
+
+
+def test_compile_blocks_says_why_when_it_recompiles_too_often(compile_backend):
+    compile_backend("aot_eager")
+    model = tiny(compile_blocks=True)
+    ids = torch.randint(0, VOCAB, (1, 8))
+    with torch._dynamo.config.patch(recompile_limit=1):
+        model(ids).sum().backward()
+        with torch.no_grad(), pytest.raises(lightning_sp.SPConfigError, match="compile_blocks.*TORCH_LOGS=recompiles"):
+            model(ids)  # no gradients: a second compilation, over the limit
+    with pytest.raises(lightning_sp.SPConfigError, match="compile_blocks must be a bool"):
+        LlamaForCausalLM(compile_blocks="yes")
+
+
+def _fsdp_compile_case(mode: str, backend: str) -> float:
+    """On every rank of 2: the tiny model under Ulysses 2 with every layer and the root wrapped in
+    FSDP2 (as the ulysses_ring_fsdp strategy wraps them), compiled vs eager: loss and full gradients."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_sp.models import llama
+
+    mesh = lightning_sp.init_sp_mesh(ulysses_degree=2)
+    ids = torch.randint(0, VOCAB, (1, 32), generator=torch.Generator().manual_seed(8))
+    batch = {"input_ids": L.shard(ids, mesh, "zigzag"), "labels": L.shard(shifted(ids), mesh, "zigzag"),
+             "position_ids": L.position_ids(32, mesh, "zigzag")[None]}
+    results = []
+    parts = llama._compiled_parts
+    llama._compiled_parts = lambda: parts(backend)
+    try:
+        for compiled in (False, True):
+            model = swap_attention(tiny(activation_checkpointing=mode, compile_blocks=compiled), mesh)
+            for layer in model.layers:
+                fully_shard(layer, mesh=mesh.device_mesh["ulysses"])
+            fully_shard(model, mesh=mesh.device_mesh["ulysses"])
+            for _ in range(2):  # the second step runs the cached compilation
+                loss, grads = _loss_and_grads(model, batch)
+            results.append((loss, {n: g.full_tensor() for n, g in grads.items()}))
+    finally:
+        llama._compiled_parts = parts
+        torch._dynamo.reset()
+    (want_loss, want), (got_loss, got) = results
+    errs = {n: rel(got[n], g) for n, g in want.items()}
+    errs["loss"] = rel(got_loss, want_loss)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < 1e-12, f"{worst}: {errs[worst]}"
+    return errs[worst]
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "except_attention"])
+def test_compile_blocks_under_fsdp_matches_eager(worlds, mode):
+    """FSDP's hooks are on the layers, outside the compiled functions: they gather the parameters the
+    compiled parts then read, and the sequence-parallel attention's collectives stay eager."""
+    worlds(2).run(_fsdp_compile_case, mode, "aot_eager", timeout=180)

@@ -14,9 +14,13 @@ Activation checkpointing (``LlamaForCausalLM(activation_checkpointing=...)``, se
 ``"except_attention"`` recomputes everything but the core attention (norms, projections, RoPE, the
 MLP), whose own autograd keeps q, k, v, its output and log-sum-exp, so the quadratic part runs
 once forward and once backward as without checkpointing.
+
+``compile_blocks=True`` compiles each layer's parts around the core attention with ``torch.compile``
+(one compilation for all layers) to fuse their element-wise work; the core attention stays eager.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -199,25 +203,62 @@ class DecoderLayer(nn.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, mlp_chunk_size)
 
-    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, checkpointing: str = "none"):
+    def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, checkpointing: str = "none",
+                compiled: bool = False):
         """The layer, in three parts: the projections before the core attention, the core attention,
         and everything after it. ``checkpointing`` (see ``CHECKPOINTING``) says which parts are
-        recomputed in the backward pass instead of keeping their activations."""
+        recomputed in the backward pass instead of keeping their activations; ``compiled`` runs the
+        parts before and after the core through ``torch.compile`` (the core stays eager)."""
         if checkpointing == "full":
-            return checkpoint(self.forward, x, position_ids, cu_seqlens, max_seqlen, use_reentrant=False)
+            return checkpoint(self.forward, x, position_ids, cu_seqlens, max_seqlen, "none", compiled,
+                              use_reentrant=False)
         if checkpointing not in ("none", "except_attention"):
             raise SPConfigError(f"unknown checkpointing mode {checkpointing!r}; use one of {', '.join(CHECKPOINTING)}")
         part = _recomputed if checkpointing == "except_attention" else _kept
-        q, k, v = part(self._before_attention, x, position_ids, cu_seqlens is not None)
+        before, after = _compiled_parts() if compiled else (_before_attention, _after_attention)
+        q, k, v = part(before, self, x, position_ids, cu_seqlens is not None)
         out = self.attn.core(q, k, v, causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        return part(self._after_attention, x, out)
+        return part(after, self, x, out)
 
-    def _before_attention(self, x, position_ids, packed):
-        return self.attn.project(self.attn_norm(x), position_ids, packed)
 
-    def _after_attention(self, x, attn_out):
-        x = x + self.attn.o_proj(attn_out.reshape(*x.shape[:-1], -1))
-        return x + self.mlp(self.mlp_norm(x))
+# The parts of a decoder layer around its core attention, as functions of the layer: compiled, one
+# function object serves every layer (the layer is an input of the graph, not a constant of it), so
+# the 16 layers of a model share one compilation (per grad mode, packed or not and, when the number
+# of tokens changes, one more that takes any number).
+
+
+def _before_attention(layer: DecoderLayer, x, position_ids, packed: bool):
+    return layer.attn.project(layer.attn_norm(x), position_ids, packed)
+
+
+def _after_attention(layer: DecoderLayer, x, attn_out):
+    x = x + layer.attn.o_proj(attn_out.reshape(*x.shape[:-1], -1))
+    return x + layer.mlp(layer.mlp_norm(x))
+
+
+@functools.cache
+def _compiled_parts(backend: str = "inductor"):
+    """(before, after): ``_before_attention`` and ``_after_attention`` under ``torch.compile``, built
+    on first use and shared by every layer of every model. ``fullgraph``: each part is one graph
+    (its element-wise work fused around the matmuls), never silently split; ``dynamic=None``: the
+    first compilation is for the shapes seen, a second for a new number of tokens takes any."""
+    return tuple(_compile(fn, backend) for fn in (_before_attention, _after_attention))
+
+
+def _compile(fn, backend: str):
+    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=None)
+
+    @functools.wraps(fn)
+    def run(*args):
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit as err:
+            raise SPConfigError(
+                f"compile_blocks: {fn.__name__} already has torch._dynamo.config.recompile_limit="
+                f"{torch._dynamo.config.recompile_limit} compilations and its inputs changed again (dtype, "
+                f"device, grad mode, packed or not, autocast, mlp_chunk_size); run with TORCH_LOGS=recompiles "
+                f"to see why, raise the limit, or use compile_blocks=False") from err
+    return run
 
 
 def _kept(fn, *args):
@@ -250,17 +291,28 @@ class LlamaForCausalLM(nn.Module):
     that many tokens at a time, recomputing its wide activations per chunk in the backward pass:
     for the longest sequences, where the MLP's ``intermediate_size``-wide tensors of a whole shard
     (and their gradients) are the largest part of the backward's working memory.
+
+    ``compile_blocks`` (default False) runs each decoder layer's parts around its core attention
+    through ``torch.compile``: RMSNorm, the q/k/v projections and RoPE before it; o_proj, the
+    residual adds, RMSNorm and the SwiGLU MLP after it, so their element-wise work and dtype casts
+    fuse into a few kernels around the matmuls. The core attention (collectives, its own autograd)
+    stays eager, and so do FSDP's hooks, which are on the layers: functions are compiled, not
+    modules. Every layer shares one compilation (made in the first step); it composes with every
+    checkpointing mode, ``mlp_chunk_size`` and packed documents. The attribute can be changed later.
     """
 
     def __init__(self, config: LlamaConfig | None = None, activation_checkpointing: bool | str = False,
-                 loss_chunk_size: int = 4096, mlp_chunk_size: int | None = None):
+                 loss_chunk_size: int = 4096, mlp_chunk_size: int | None = None, compile_blocks: bool = False):
         super().__init__()
         self.config = config = config or LlamaConfig()
         if not isinstance(loss_chunk_size, int) or loss_chunk_size < 1:
             raise SPConfigError(f"loss_chunk_size must be a positive int, got {loss_chunk_size!r}")
         if mlp_chunk_size is not None and (not isinstance(mlp_chunk_size, int) or mlp_chunk_size < 1):
             raise SPConfigError(f"mlp_chunk_size must be a positive int or None, got {mlp_chunk_size!r}")
+        if not isinstance(compile_blocks, bool):
+            raise SPConfigError(f"compile_blocks must be a bool, got {compile_blocks!r}")
         self.activation_checkpointing = checkpointing_mode(activation_checkpointing)
+        self.compile_blocks = compile_blocks
         self.loss_chunk_size = loss_chunk_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, mlp_chunk_size) for _ in range(config.num_layers))
@@ -290,7 +342,8 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         mode = checkpointing_mode(self.activation_checkpointing) if torch.is_grad_enabled() else "none"
         for layer in self.layers:
-            x = layer(x, position_ids, cu_seqlens, max_seqlen, checkpointing=mode)
+            x = layer(x, position_ids, cu_seqlens, max_seqlen, checkpointing=mode,
+                      compiled=self.compile_blocks)
         return self.norm(x)
 
     def logits(self, hidden):
