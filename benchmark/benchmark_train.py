@@ -291,6 +291,7 @@ def worker(spec_path: str) -> int:
 
     import lightning as L
 
+    from lightning_sp import comm
     from lightning_sp.lm import CausalLM, _device_peak_tflops
     from lightning_sp.models import LlamaConfig
     from lightning_sp.models.llama import checkpointing_mode
@@ -351,7 +352,7 @@ def worker(spec_path: str) -> int:
         attention=attention, kernel=kernel,
         checkpointing=checkpointing_mode(model_kwargs.get("activation_checkpointing")),
         mlp_chunk_size=model_kwargs.get("mlp_chunk_size"), loss_chunk_size=model_kwargs.get("loss_chunk_size"),
-        compile=bool(model_kwargs.get("compile_blocks", False)),
+        compile=bool(model_kwargs.get("compile_blocks", False)), transport=comm.current_transport(),
         config=dataclasses.asdict(config), num_params=config.num_params(), flops_params=n_flops,
         flops_params_note="parameters in the 6N term: all but the input embedding lookup (tied embeddings count "
                           "once, as the LM head)",

@@ -30,6 +30,10 @@ def set_transport(name: str) -> None:
     _transport = name
 
 
+def current_transport() -> str:
+    return _transport
+
+
 def copy_engine_for(group, device: torch.device):
     """The copy-engine transport of ``group``, or None to use torch.distributed. Collective at the
     group's first exchange (every rank of a group exchanges in the same order)."""
