@@ -140,7 +140,7 @@ def run_config(args, meshes, shape, u, layout, backend, groups, transport, devic
             record["peak_mem_gib"] += comm.transport_buffer_bytes(uncounted_only=True) / 2**30
         if args.profile:
             tag = (f"ours_h{args.nheads}kv{kv}_s{seq_len}_{'fwd' if fwd_only else 'fwdbwd'}_u{u}r{mesh.ring_size}"
-                   f"_{canonical_layout(layout)}_{record['kernel']}")
+                   f"_{canonical_layout(layout)}_{record['kernel']}_{transport}" + (f"_g{groups}" if u > 1 else ""))
             try:
                 record["profile"] = common.profile_iterations(step, args.profile_iters, args.profile, tag, rank, device)
             except Exception as exc:  # the timing stands; say why the profile is missing

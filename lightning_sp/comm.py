@@ -1,10 +1,11 @@
 """The two communication patterns of sequence parallelism: the ring's point-to-point exchange and
 the Ulysses all-to-all. Nothing else lives here.
 
-Both travel either through torch.distributed (NCCL on GPUs, gloo on CPUs) or, between the GPUs of
-one node, through the copy engines (:mod:`lightning_sp.copy_engine`: no SMs taken from the attention
-kernels the transfers should hide behind). ``set_transport`` chooses; ``auto`` takes the copy
-engines wherever a group can use them.
+Both travel through torch.distributed (NCCL on GPUs, gloo on CPUs) or, on request, between the GPUs
+of one node through the copy engines (:mod:`lightning_sp.copy_engine`: no SMs taken from the
+attention kernels). ``set_transport`` chooses. ``auto`` is torch.distributed: on 2 H200s with FA4
+the copy engines hid the transfers completely, but their memory traffic slowed the attention kernels
+by about as much (32K fwd+bwd 1-2% slower, forward 1-4% faster; benchmark/RESULTS.md, run 5).
 """
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from .mesh import SPConfigError, SPMesh
 
 TRANSPORTS = ("auto", "nccl", "copy_engine")
 _transport = "auto"
-_engines: dict = {}  # process group -> (CopyEngineTransport or None, why not)
+_engines: dict = {}  # process group -> (CopyEngineTransport or None, why it cannot be used)
 
 
 def set_transport(name: str) -> None:
-    """``auto`` (copy engines where the group's GPUs share a node, else torch.distributed), ``nccl``
-    (always torch.distributed) or ``copy_engine`` (raise where it cannot be used). Every rank must
-    choose the same, before the first exchange."""
+    """``auto`` (today: torch.distributed, see the module doc), ``nccl`` (torch.distributed: NCCL,
+    or gloo for CPU tensors) or ``copy_engine`` (the GPUs' copy engines; an error where a group
+    cannot use them). Every rank must choose the same, before the first exchange."""
     global _transport
     if name not in TRANSPORTS:
         raise SPConfigError(f"unknown transport {name!r}; choose one of {', '.join(TRANSPORTS)}")
@@ -35,19 +36,19 @@ def current_transport() -> str:
 
 
 def copy_engine_for(group, device: torch.device):
-    """The copy-engine transport of ``group``, or None to use torch.distributed. Collective at the
-    group's first exchange (every rank of a group exchanges in the same order)."""
-    if _transport == "nccl" or device.type != "cuda":
-        if _transport == "copy_engine":
-            raise SPConfigError(f"transport 'copy_engine' needs CUDA tensors, got {device.type}; "
-                                f"use set_transport('auto') or 'nccl'")
+    """The copy-engine transport of ``group`` when it is chosen, else None (torch.distributed).
+    Collective at the group's first exchange (every rank of a group exchanges in the same order)."""
+    if _transport != "copy_engine":
         return None
+    if device.type != "cuda":
+        raise SPConfigError(f"transport 'copy_engine' needs CUDA tensors, got {device.type}; "
+                            f"use set_transport('auto') or 'nccl'")
     if group not in _engines:
         from . import copy_engine
         reason = copy_engine.unavailable_reason(group)
         _engines[group] = (None if reason else copy_engine.CopyEngineTransport(group), reason)
     engine, reason = _engines[group]
-    if engine is None and _transport == "copy_engine":
+    if engine is None:
         raise SPConfigError(f"transport 'copy_engine' cannot be used: {reason}; use 'auto' or 'nccl'")
     return engine
 
