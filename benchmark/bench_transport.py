@@ -31,14 +31,15 @@ def parse_args(argv=None):
     p.add_argument("--mib", type=int, nargs="+", default=[256, 1024], help="bytes each rank sends, in MiB")
     p.add_argument("--transport", nargs="+", default=["nccl", "copy_engine"], choices=comm.TRANSPORTS)
     p.add_argument("--compute", nargs="+", default=["attention", "matmul"], choices=["attention", "matmul"])
+    p.add_argument("--matmul_size", type=int, default=8192, help="n of the n x n bf16 matmuls of --compute matmul")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
 
-def compute_fn(kind, device):
+def compute_fn(kind, device, n):
     if kind == "matmul":
-        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+        a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
         return lambda: a @ a
     q = torch.randn(1, 32, 16384, 128, device=device, dtype=torch.bfloat16)
     def attend():
@@ -60,23 +61,25 @@ def main(argv=None) -> int:
         payload = [torch.randn(numel, device=device, dtype=torch.bfloat16)]
         x = torch.randn(world, numel // world, device=device, dtype=torch.bfloat16)
         for transport in args.transport:
-            comm.set_transport(transport)
-            exchanges = {"ring": lambda: comm.RingExchange(mesh).start(payload).wait(),
-                         "all_to_all": lambda: comm.start_all_to_all(x, mesh.ring_group).wait()}
-            for pattern, exchange in exchanges.items():
-                t_x = timed(exchange, args.iters, device)
-                crossing = mib * 2**20 * ((world - 1) / world if pattern == "all_to_all" else 1)
+            for pattern in ("ring", "all_to_all"):
                 record = dict(name="transport", card=common.card_name(device), world=world, mib=mib,
-                              transport=transport, pattern=pattern, exchange_ms=t_x,
-                              gb_per_s=crossing / t_x / 1e6, command=common.command_line(), torch=torch.__version__)
-                for kind in args.compute:
-                    work = compute_fn(kind, device)
-                    t_c1 = timed(work, 3, device)
-                    reps = max(1, round(t_x / t_c1))
-                    compute = lambda: [work() for _ in range(reps)]  # noqa: E731
-                    t_c = timed(compute, args.iters, device)
-                    t_b = timed(lambda: _overlapped(pattern, mesh, payload, x, compute), args.iters, device)
-                    record[kind] = dict(reps=reps, compute_ms=t_c, both_ms=t_b, hidden=(t_c + t_x - t_b) / t_x)
+                              transport=transport, pattern=pattern, error=None, command=common.command_line(),
+                              torch=torch.__version__)
+                try:
+                    comm.set_transport(transport)
+                    exchange = lambda: _start(pattern, mesh, payload, x).wait()  # noqa: E731
+                    t_x = timed(exchange, args.iters, device)
+                    crossing = mib * 2**20 * ((world - 1) / world if pattern == "all_to_all" else 1)
+                    record.update(exchange_ms=t_x, gb_per_s=crossing / t_x / 1e6)
+                    for kind in args.compute:
+                        work = compute_fn(kind, device, args.matmul_size)
+                        reps = max(1, round(t_x / timed(work, 3, device)))
+                        compute = lambda: [work() for _ in range(reps)]  # noqa: E731
+                        t_c = timed(compute, args.iters, device)
+                        t_b = timed(lambda: _overlapped(pattern, mesh, payload, x, compute), args.iters, device)
+                        record[kind] = dict(reps=reps, compute_ms=t_c, both_ms=t_b, hidden=(t_c + t_x - t_b) / t_x)
+                except Exception as exc:  # recorded; the same on every rank
+                    record["error"] = common.error_text(exc)
                 if rank == 0:
                     print(record, flush=True)
                     common.append_record(args.out, record)
@@ -84,9 +87,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _start(pattern, mesh, payload, x):
+    if pattern == "ring":
+        return comm.RingExchange(mesh).start(payload)
+    return comm.start_all_to_all(x, mesh.ring_group)
+
+
 def _overlapped(pattern, mesh, payload, x, compute):
-    pending = (comm.RingExchange(mesh).start(payload) if pattern == "ring"
-               else comm.start_all_to_all(x, mesh.ring_group))
+    pending = _start(pattern, mesh, payload, x)
     compute()
     pending.wait()
 

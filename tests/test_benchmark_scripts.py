@@ -305,3 +305,21 @@ def test_memory_estimate_per_layer_costs():
     assert selective == pytest.approx(full + attention, rel=0.05)
     assert none > selective
     assert peak("none", 2, chunk=1024) < peak("none", 2)
+
+
+def test_transport_benchmark_on_cpu(tmp_path):
+    """The transport microbenchmark runs over gloo (torch.distributed) and records why the copy
+    engines cannot run on CPU instead of crashing."""
+    out = str(tmp_path / "transport.jsonl")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(BENCH, "bench_transport.py"), "--mib", "1", "--transport", "nccl", "copy_engine",
+           "--compute", "matmul", "--matmul_size", "32", "--iters", "2", "--out", out]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    records, _ = _succeeded(proc, out)
+    assert [(r["transport"], r["pattern"]) for r in records] == [
+        ("nccl", "ring"), ("nccl", "all_to_all"), ("copy_engine", "ring"), ("copy_engine", "all_to_all")]
+    for r in records[:2]:
+        assert r["error"] is None and r["gb_per_s"] > 0 and r["matmul"]["compute_ms"] > 0
+    for r in records[2:]:
+        assert "transport 'copy_engine' needs CUDA tensors, got cpu" in r["error"]
