@@ -155,7 +155,7 @@ class CopyEngineTransport:
         x = x.contiguous()
         out = torch.empty_like(x)
         peers = [p for p in range(self.size) if p != self.rank]
-        chunk = nbytes(x[0])
+        chunk = x[0].nbytes
         # the payload holds the slices for the other ranks, in rank order: rank r's slice sits at
         # position r (or r - 1 past the sender's own rank) of the sender's payload
         pulls = [(p, (self.rank - (self.rank > p)) * chunk, out[p]) for p in peers]
@@ -166,12 +166,12 @@ class CopyEngineTransport:
         self.stream.wait_stream(caller)
         for t in payload:
             t.record_stream(self.stream)
-        total = sum(nbytes(t) for t in payload)
+        total = sum(t.nbytes for t in payload)
         with torch.cuda.stream(self.stream):
             n, slot = self._claim(total, receivers)
             box = self._slot_view(self.rank, slot, total)
             for t, start in zip(payload, _offsets(payload)):
-                box[start:start + nbytes(t)].copy_(_bytes(t))
+                box[start:start + t.nbytes].copy_(_bytes(t))
             for peer in receivers:
                 write_value(self.stream, self._flag_address(peer, READY, self.rank, slot), n + 1)
             if local is not None:
@@ -180,7 +180,7 @@ class CopyEngineTransport:
                 wait_value_geq(self.stream, self._flag_address(self.rank, READY, peer, slot), n + 1)
                 remote = self._slot_view(peer, slot, total)
                 for _, start, out in (x for x in pulls if x[0] == peer):
-                    _bytes(out).copy_(remote[start:start + nbytes(out)])
+                    _bytes(out).copy_(remote[start:start + out.nbytes])
                 write_value(self.stream, self._flag_address(peer, CONSUMED, self.rank, slot), n + 1)
             done = torch.cuda.Event()
             done.record(self.stream)
@@ -191,7 +191,7 @@ def _offsets(tensors) -> list[int]:
     starts, at = [], 0
     for t in tensors:
         starts.append(at)
-        at += nbytes(t)
+        at += t.nbytes
     return starts
 
 
@@ -211,7 +211,3 @@ class Transfer:
     def wait(self) -> list[torch.Tensor]:
         torch.cuda.current_stream().wait_event(self._done)
         return self._received
-
-
-def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
