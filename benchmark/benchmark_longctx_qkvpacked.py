@@ -8,6 +8,10 @@ The ring degree is world / ulysses_degree. Each rank holds its own shard of q, k
 LongContextAttention for GQA (--kv_heads < --nheads). --kv_heads, --seq_len, --mode,
 --ulysses_degree, --ring_impl_type, --backend and --head_groups take several values and sweep every combination
 in one launch (one JSON record each; with ring degree 1 the layouts are all the same and run once).
+--interleave N times, after each configuration, N alternating rounds of the one-GPU kernel on the
+whole sequence (on every rank at once, benchmark_qkvpacked_func's step) and the configuration
+again: the record's ``interleaved`` holds both medians and the share of perfect scaling, a baseline
+taken under the same clocks and temperature as the run it is compared with.
 --profile DIR adds a torch.profiler trace and a kernel table per rank and configuration, and a
 summary of the GPU timeline in the record (compute-busy share, exposed communication, idle gaps,
 copies) to show whether the ring's P2P hides behind the kernels.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -23,6 +28,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # lightning_sp, uninstalled
+import benchmark_qkvpacked_func as one_gpu  # noqa: E402
 import common  # noqa: E402
 
 import lightning_sp  # noqa: E402
@@ -46,6 +52,9 @@ def parse_args(argv=None):
                    help="Ulysses head groups (auto, 1, 2, 4, ...): all-to-all pieces overlapping attention")
     p.add_argument("--transport", nargs="+", default=["auto"], choices=TRANSPORTS,
                    help="how ranks exchange data: copy engines (one node), nccl, or auto (copy engines where possible)")
+    p.add_argument("--interleave", type=int, default=0, metavar="N",
+                   help="also time N rounds alternating the one-GPU kernel on the whole sequence with ours")
+    p.add_argument("--interleave_iters", type=int, default=5, help="timed iterations of each side per round")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile --profile_iters iterations of every configuration into DIR")
     p.add_argument("--profile_iters", type=int, default=2)
@@ -112,6 +121,24 @@ def make_step(mesh, layout, backend, groups, args, kv, seq_len, fwd_only, device
     return step, "qkvpacked" if kv == h else "q,k,v"
 
 
+def interleaved_baseline(step, args, kernel_name, kv, seq_len, fwd_only, device, dtype, world) -> dict:
+    """Alternate the one-GPU kernel on the whole sequence (every rank runs it alone, at the same
+    time; an iteration counts as the fastest GPU's) with ``step`` (ours; the slowest rank's), so
+    that both see the same clocks. Medians over all rounds; perfect = baseline / world."""
+    stub = torch.zeros((), device=device, dtype=dtype)
+    kernel = select_kernel(kernel_name, stub.expand(args.batch_size, seq_len, args.nheads, args.head_dim),
+                           stub.expand(args.batch_size, seq_len, kv, args.head_dim), causal=True)
+    baseline = one_gpu.make_step(kernel, args, kv, seq_len, fwd_only, device, dtype)
+    base_times, our_times = [], []
+    for _ in range(args.interleave):
+        base_times += common.time_iterations(baseline, 1, args.interleave_iters, device, fastest_rank=True)["times_ms"]
+        our_times += common.time_iterations(step, 1, args.interleave_iters, device)["times_ms"]
+    base_ms, ours_ms = statistics.median(base_times), statistics.median(our_times)
+    return dict(baseline_kernel=kernel.name, rounds=args.interleave, iters_per_round=args.interleave_iters,
+                baseline_ms=base_ms, ours_ms=ours_ms, perfect_ms=base_ms / world,
+                perfect_pct=100.0 * base_ms / world / ours_ms, baseline_times_ms=base_times, ours_times_ms=our_times)
+
+
 def run_config(args, meshes, shape, u, layout, backend, groups, transport, device, dtype, rank, world):
     kv, seq_len, fwd_only = shape
     ring = world // u if u >= 1 and world % u == 0 else None
@@ -138,6 +165,9 @@ def run_config(args, meshes, shape, u, layout, backend, groups, transport, devic
         record["transport_buffer_gib"] = comm.transport_buffer_bytes() / 2**30
         if record.get("peak_mem_gib") is not None:
             record["peak_mem_gib"] += comm.transport_buffer_bytes(uncounted_only=True) / 2**30
+        if args.interleave:
+            record["interleaved"] = interleaved_baseline(step, args, record["kernel"], kv, seq_len, fwd_only, device,
+                                                         dtype, world)
         if args.profile:
             tag = (f"ours_h{args.nheads}kv{kv}_s{seq_len}_{'fwd' if fwd_only else 'fwdbwd'}_u{u}r{mesh.ring_size}"
                    f"_{canonical_layout(layout)}_{record['kernel']}_{transport}" + (f"_g{groups}" if u > 1 else ""))

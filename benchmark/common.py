@@ -124,11 +124,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_iterations(fn, warmup: int, iters: int, device: torch.device, group=None) -> dict:
+def time_iterations(fn, warmup: int, iters: int, device: torch.device, group=None, fastest_rank: bool = False) -> dict:
     """Run ``fn`` warmup + iters times. Each timed iteration is measured with CUDA events (cpu:
     perf_counter) on every rank; an iteration counts as the slowest rank's time, and the median
-    over iterations is reported. Peak memory is the max over ranks of the allocator's peak during
-    the timed iterations (inputs included); ``peak_extra_gib`` subtracts what was allocated before."""
+    over iterations is reported (``times_ms``: every iteration, in order). ``enqueue_ms`` is the
+    median host time to issue one iteration (the slowest rank's): near ``time_ms`` the GPU waits
+    for the CPU. Peak memory is the max over ranks of the allocator's peak during the timed
+    iterations (inputs included); ``peak_extra_gib`` subtracts what was allocated before.
+    ``fastest_rank``: each iteration counts as the fastest rank's instead (for work every rank does
+    on its own, like a one-GPU baseline run on every GPU at once)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -139,10 +143,13 @@ def time_iterations(fn, warmup: int, iters: int, device: torch.device, group=Non
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        enqueue = []
         for start, end in events:
+            t0 = time.perf_counter()
             start.record()
             fn()
             end.record()
+            enqueue.append((time.perf_counter() - t0) * 1e3)
         torch.cuda.synchronize(device)
         times = [s.elapsed_time(e) for s, e in events]
         peak = torch.cuda.max_memory_allocated(device)
@@ -153,12 +160,15 @@ def time_iterations(fn, warmup: int, iters: int, device: torch.device, group=Non
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    stats = torch.tensor([*times, float(peak), float(peak - base)], dtype=torch.float64, device=device)
+        enqueue = times
+    stats = torch.tensor([*times, statistics.median(enqueue), float(peak), float(peak - base)],
+                         dtype=torch.float64, device=device)
     if dist.is_initialized():
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(stats, op=dist.ReduceOp.MIN if fastest_rank else dist.ReduceOp.MAX, group=group)
     times = stats[:iters].tolist()
-    peak, extra = stats[iters:].tolist()
+    enqueue_ms, peak, extra = stats[iters:].tolist()
     return dict(time_ms=statistics.median(times), time_ms_min=min(times), time_ms_mean=statistics.fmean(times),
+                times_ms=[round(t, 4) for t in times], enqueue_ms=enqueue_ms,
                 peak_mem_gib=peak / 2**30 if cuda else None, peak_extra_gib=extra / 2**30 if cuda else None)
 
 
@@ -273,7 +283,15 @@ def base_record(name: str, args: argparse.Namespace, device: torch.device, world
         world=world, nheads=args.nheads, kv_heads=kv_heads, head_dim=args.head_dim, batch_size=args.batch_size,
         seq_len=seq_len, fwd_only=fwd_only, causal=True, dtype=str(DTYPES[args.dtype]).replace("torch.", ""),
         warmup=args.warmup, iters=args.iters, **fields, error=None,
-        args=vars(args), command=command_line(), torch=torch.__version__)
+        args=vars(args), command=command_line(), env=tuning_env(), torch=torch.__version__)
+
+
+TUNING_ENV_PREFIXES = ("NCCL_", "TORCH_NCCL_", "CUDA_DEVICE_MAX_CONNECTIONS", "LIGHTNING_SP_")
+
+
+def tuning_env() -> dict:
+    """The environment variables that change how kernels and communication run (part of the command)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(TUNING_ENV_PREFIXES)}
 
 
 def append_record(path: str | None, record: dict) -> None:
@@ -302,8 +320,11 @@ def describe(record: dict) -> str:
     if record.get("error"):
         return f"{tag}: FAILED {record['error'].splitlines()[0][:300]}"
     mem = f", peak {record['peak_mem_gib']:.2f} GiB" if record.get("peak_mem_gib") is not None else ""
+    inter = record.get("interleaved") or {}
+    inter = (f"; interleaved with the one-GPU {inter['baseline_kernel']}: {inter['ours_ms']:.3f} vs perfect "
+             f"{inter['perfect_ms']:.3f} ms = {inter['perfect_pct']:.1f}%") if "perfect_pct" in inter else ""
     return (f"{tag}: {record['time_ms']:.3f} ms ({record['iters_per_s']:.2f} it/s, "
-            f"{record['tflops_per_gpu']:.1f} TFLOP/s per GPU{mem})")
+            f"{record['tflops_per_gpu']:.1f} TFLOP/s per GPU{mem}){inter}")
 
 
 def load_records(paths) -> list[dict]:

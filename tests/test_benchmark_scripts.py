@@ -74,6 +74,8 @@ def _check_timed(r, name, world):
     assert r["error"] is None, r["error"]
     assert TIMING_FIELDS <= set(r)
     assert r["time_ms_min"] <= r["time_ms"] and math.isfinite(r["time_ms"]) and r["time_ms"] > 0
+    assert len(r["times_ms"]) == r["iters"] and min(r["times_ms"]) == pytest.approx(r["time_ms_min"], abs=1e-4)
+    assert 0 < r["enqueue_ms"] and isinstance(r["env"], dict)
     assert r["iters_per_s"] == pytest.approx(1e3 / r["time_ms"])
     fwd = 4 * r["batch_size"] * r["seq_len"] ** 2 * r["nheads"] * r["head_dim"] / 2
     assert r["flops"] == pytest.approx(fwd if r["fwd_only"] else 3.5 * fwd)
@@ -89,7 +91,8 @@ def launches(tmp_path_factory):
     ours_out, cp_out = str(d / "ours.jsonl"), str(d / "cp.jsonl")
     ours = _torchrun("benchmark_longctx_qkvpacked.py",
                      ["--kv_heads", "4", "2", "--mode", "fwd_bwd", "fwd", "--ulysses_degree", "1", "2", "3",
-                      "--ring_impl_type", "zigzag", "strip", "--backend", "cpu_flash", "--profile", str(d / "prof")],
+                      "--ring_impl_type", "zigzag", "strip", "--backend", "cpu_flash", "--profile", str(d / "prof"),
+                      "--interleave", "2", "--interleave_iters", "2"],
                      ours_out)
     cp = _torchrun("benchmark_torch_cp.py", ["--kv_heads", "4", "2", "--sdpa_backend", "flash"], cp_out)
     procs = {"ours": (ours, ours_out), "cp": (cp, cp_out)}
@@ -130,6 +133,10 @@ def test_ours_records(launches):
         assert r["head_groups"] == 1  # auto
         assert r["profile"]["gpu_events"] == 0 and os.path.exists(r["profile"]["trace"])
         assert os.path.getsize(r["profile"]["table"]) > 0
+        inter = r["interleaved"]
+        assert inter["baseline_kernel"] == "cpu_flash" and len(inter["ours_times_ms"]) == 4
+        assert inter["baseline_ms"] == pytest.approx(statistics.median(inter["baseline_times_ms"]))
+        assert inter["perfect_pct"] == pytest.approx(100 * inter["baseline_ms"] / 2 / inter["ours_ms"])
     assert {(r["ring"], r["layout"]) for r in timed} == {(2, "zigzag"), (2, "stripe"), (1, "zigzag")}
     assert {r["ring_impl_type"] for r in timed if r["layout"] == "stripe"} == {"strip"}
     bad = [r for r in records if r["error"] is not None]
