@@ -117,8 +117,21 @@ def _alive(mesh: SPMesh) -> bool:
         return False
 
 
+def _overlap_group_options(device_type: str) -> dict | None:
+    """NCCL options for the ring and Ulysses groups: a high-priority stream. Their transfers are
+    meant to run beside attention kernels that occupy every SM; from a normal-priority stream the
+    GPU hands freed SMs to the kernel's remaining blocks first, so the transfer waits for the very
+    kernel it should hide behind (measured on 2 H200s: 2.8 of the 3.1 ms of P2P of a 32K ring
+    forward was exposed). With priority NCCL's few blocks start as soon as any SM frees."""
+    if device_type != "cuda" or not dist.is_nccl_available() or "nccl" not in str(dist.get_backend()):
+        return None
+    options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+    return {"ring": ("nccl", options), "ulysses": ("nccl", options)}
+
+
 def _build(dp: int, ulysses_degree: int, ring_degree: int, device_type: str) -> SPMesh:
-    mesh = init_device_mesh(device_type, (dp, ring_degree, ulysses_degree), mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device_type, (dp, ring_degree, ulysses_degree), mesh_dim_names=MESH_DIMS,
+                            backend_override=_overlap_group_options(device_type))
     sp_mesh = mesh["ring", "ulysses"]._flatten("sp")
     ring_group = mesh.get_group("ring")
     return SPMesh(
