@@ -5,6 +5,8 @@ blocks the second is added (or merged) onto the first in place, on its rows only
 math and the one rounding are the same, without a float32 copy of the whole tensor."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..kernels import lse_dtype
@@ -110,12 +112,7 @@ class OutputAccumulator:
             self.out = self.out.to(self.out_dtype)
         d = self.seq_dim
         acc_lse = take(self.lse, sel, d)
-        if self.in_place:
-            rows = take(self.out, sel, d)
-            acc_out = rows.to(self.dtype)
-            merge_(acc_out, acc_lse, out, lse)
-            rows.copy_(acc_out)
-        elif isinstance(sel, slice):
+        if isinstance(sel, slice):  # a view: merged in place (narrow out: in float32, rounded once)
             merge_(take(self.out, sel, d), acc_lse, out, lse)
         else:
             acc_out = take(self.out, sel, d)
@@ -126,7 +123,30 @@ class OutputAccumulator:
 
 def merge_(out_a, lse_a, out_b, lse_b) -> None:
     """In place: (out_a, lse_a) becomes the softmax-weighted combination of two partial attentions
-    over disjoint keys (lse -inf = no key seen)."""
+    over disjoint keys (lse -inf = no key seen), computed in lse_a's dtype (float32, or float64)
+    and rounded once into out_a. CUDA tensors take one fused Triton kernel where Triton is installed."""
+    fused = _fused_merge() if out_a.is_cuda else None
+    if fused is not None and fused.supports(out_a, lse_a, out_b, lse_b):
+        fused.merge_(out_a, lse_a, out_b, lse_b)
+    elif out_a.dtype != lse_a.dtype:  # a narrow out: merge a float32 copy of the rows
+        acc = out_a.to(lse_a.dtype)
+        _merge_torch_(acc, lse_a, out_b, lse_b)
+        out_a.copy_(acc)
+    else:
+        _merge_torch_(out_a, lse_a, out_b, lse_b)
+
+
+@functools.cache
+def _fused_merge():
+    """The Triton merge (``fused_merge``), or None where Triton is not installed."""
+    try:
+        from . import fused_merge
+    except ImportError:
+        return None
+    return fused_merge
+
+
+def _merge_torch_(out_a, lse_a, out_b, lse_b) -> None:
     m = torch.maximum(lse_a, lse_b)
     m.masked_fill_(m == float("-inf"), 0.0)
     wa, wb = (lse_a - m).exp_(), (lse_b - m).exp_()
