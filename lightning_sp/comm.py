@@ -9,7 +9,6 @@ by about as much (32K fwd+bwd 1-2% slower, forward 1-4% faster; benchmark/RESULT
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -91,33 +90,14 @@ class RingExchange:
         self.next_index, self.prev_index = (rank + step) % size, (rank - step) % size
 
     def start(self, tensors):
-        device = tensors[0].device
-        engine = copy_engine_for(self.group, device)
+        tensors = [t.contiguous() for t in tensors]
+        engine = copy_engine_for(self.group, tensors[0].device)
         if engine is not None:
-            return engine.send_recv([t.contiguous() for t in tensors], self.next_index, self.prev_index)
-        received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
-        strided = device.type == "cuda" and not all(t.is_contiguous() for t in tensors)
-        side = _packing_stream(device) if strided else None
-        if side is not None:
-            # strided views (the K and V of a packed qkv) are copied into send buffers on a side
-            # stream: the kernel that reads them in place starts now, not after the copies
-            side.wait_stream(torch.cuda.current_stream(device))
-            for t in tensors:
-                t.record_stream(side)
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            ops = [dist.P2POp(dist.isend, t.contiguous(), self.next_rank, self.group) for t in tensors]
-            ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group) for t in received]
-            return _Pending(dist.batch_isend_irecv(ops), received)
-
-
-_packing_streams: dict = {}
-
-
-def _packing_stream(device: torch.device) -> torch.cuda.Stream:
-    """One high-priority stream per GPU for packing strided tensors before a send."""
-    if device not in _packing_streams:
-        _packing_streams[device] = torch.cuda.Stream(device, priority=-1)
-    return _packing_streams[device]
+            return engine.send_recv(tensors, self.next_index, self.prev_index)
+        received = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group) for t in received]
+        return _Pending(dist.batch_isend_irecv(ops), received)
 
 
 def start_all_to_all(x: torch.Tensor, group):
