@@ -131,6 +131,8 @@ def test_head_groups_packed_documents(worlds):
 
 def test_head_groups_choice():
     from lightning_sp.attention.ulysses import choose_head_groups
-    assert choose_head_groups(8, 8, 2, "auto") == 1 and choose_head_groups(8, 8, 2, 4) == 4
+    assert choose_head_groups(8, 8, 2, "auto") == 2 and choose_head_groups(8, 8, 2, 4) == 4
+    assert choose_head_groups(6, 2, 2, "auto") == 1  # one KV head per rank: no split in two
+    assert choose_head_groups(8, 8, 1, "auto") == 1  # no Ulysses
     assert choose_head_groups(8, 2, 2, 1) == 1  # GQA: one KV head per rank allows no split
     assert choose_head_groups(8, 8, 1, 2) == 1  # no Ulysses: nothing to overlap, one pass over all heads

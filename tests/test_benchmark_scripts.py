@@ -130,7 +130,8 @@ def test_ours_records(launches):
         _check_timed(r, "ours", 2)
         assert r["kernel"] == "cpu_flash" and r["ulysses"] * r["ring"] == 2
         assert r["input"] == ("qkvpacked" if r["kv_heads"] == 4 else "q,k,v")
-        assert r["head_groups"] == 1  # auto
+        # auto: 2 where Ulysses splits the per-rank heads in two (4 heads / 2 ranks), else 1
+        assert r["head_groups"] == (2 if r["ulysses"] == 2 and r["kv_heads"] == 4 else 1)
         assert r["profile"]["gpu_events"] == 0 and os.path.exists(r["profile"]["trace"])
         assert os.path.getsize(r["profile"]["table"]) > 0
         inter = r["interleaved"]

@@ -34,14 +34,15 @@ def replicated_kv_heads(kv_heads: int, ulysses_size: int) -> int:
 def choose_head_groups(q_heads: int, kv_heads: int, ulysses_size: int, requested: int | str = "auto") -> int:
     """How many head groups the all-to-all pipeline uses. A group must hold whole query heads and
     their KV heads on every rank, so G divides both per-rank head counts. Without Ulysses there is
-    no all-to-all to overlap: any valid G gives 1. ``auto`` is 1: on 2 H200s
-    (FA4, 32 heads of 128) 2 groups gained 0.5-1.6% at 32K and lost up to 0.7% at 128K, 4 groups lost
-    up to 5% at 128K: the all-to-all's kernels mostly wait for free SMs instead of overlapping
-    (benchmark/RESULTS.md, run 3)."""
+    no all-to-all to overlap: any valid G gives 1. ``auto`` is 2 where the heads split in two, else
+    1: since the Ulysses group runs on a high-priority NCCL stream (``mesh``), the second group's
+    all-to-all overlaps the first group's attention; on 2 H200s (FA4, 32 heads of 128) 2 groups
+    beat 1 by 3.5 points of perfect scaling at 32K fwd+bwd, 4 at 32K forward and 1.7 at 128K,
+    4 groups were no better than 2 (benchmark/RESULTS.md, run 6)."""
     U = ulysses_size
     per_rank = math.gcd(q_heads // U, replicated_kv_heads(kv_heads, U) // U)
     if requested == "auto":
-        return 1
+        return 2 if U > 1 and per_rank % 2 == 0 else 1
     if not isinstance(requested, int) or requested < 1 or per_rank % requested:
         valid = [g for g in range(1, per_rank + 1) if per_rank % g == 0]
         raise SPConfigError(
