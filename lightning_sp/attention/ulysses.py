@@ -37,8 +37,8 @@ def choose_head_groups(q_heads: int, kv_heads: int, ulysses_size: int, requested
     no all-to-all to overlap: any valid G gives 1. ``auto`` is 2 where the heads split in two, else
     1: since the Ulysses group runs on a high-priority NCCL stream (``mesh``), the second group's
     all-to-all overlaps the first group's attention; on 2 H200s (FA4, 32 heads of 128) 2 groups
-    beat 1 by 3.5 points of perfect scaling at 32K fwd+bwd, 4 at 32K forward and 1.7 at 128K,
-    4 groups were no better than 2 (benchmark/RESULTS.md, run 6)."""
+    were 3% faster than 1 at 32K fwd+bwd and 6% in the forward, the same at 128K (403-404 ms for
+    1, 2 and 4 groups); 4 groups were no better than 2 (benchmark/RESULTS.md, run 6)."""
     U = ulysses_size
     per_rank = math.gcd(q_heads // U, replicated_kv_heads(kv_heads, U) // U)
     if requested == "auto":
