@@ -83,6 +83,7 @@ def main(argv=None) -> int:
                 if rank == 0:
                     print(record, flush=True)
                     common.append_record(args.out, record)
+    dist.barrier()  # no rank tears its groups down while another still uses them
     dist.destroy_process_group()
     return 0
 

@@ -109,6 +109,11 @@ def summary(records) -> str:
                 f"{_ratio(cp and cp['time_ms'], r['time_ms'], '{:5.2f}x'):>6s} "
                 f"{'-' if mem is None else f'{mem:.2f}':>6s} "
                 f"{_ratio(mem, cp and cp.get('peak_mem_gib'), '{:5.2f}x'):>6s}")
+            inter = r.get("interleaved") or {}
+            if inter.get("perfect_ms"):  # --interleave: a baseline from the same launch
+                lines.append(f"     same launch, one-GPU {inter['baseline_kernel']} / {r['world']} = {inter['perfect_ms']:.2f} ms: "
+                             f"{100 * inter['perfect_ms'] / r['time_ms']:.1f}% sustained (timed median), "
+                             f"{inter['perfect_pct']:.1f}% interleaved ({inter['ours_ms']:.2f} ms)")
             prof = r.get("profile") or {}
             if prof.get("window_ms"):
                 lines.append(f"     profile/iter: window {prof['window_ms']:.1f} ms, compute busy "

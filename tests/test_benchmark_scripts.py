@@ -171,6 +171,7 @@ def test_plot_summary_and_figures(launches, capsys):
     assert "== h4/kv4 d16 b1 S=64 fwd+bwd on cpu" in text and "== h4/kv2 d16 b1 S=64 fwd on cpu" in text
     assert "u1xr2 zigzag / cpu_flash" in text and "u2xr1 zigzag / cpu_flash" in text
     assert "%perf-cpu_flash" in text and "failed configuration" in text
+    assert "same launch, one-GPU cpu_flash / 2 = " in text and "% interleaved (" in text
     if not plots:
         assert len([f for f in os.listdir(d / "plots") if f.endswith(".png")]) == 4
 
