@@ -15,7 +15,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -83,8 +82,7 @@ def main(argv=None) -> int:
                 if rank == 0:
                     print(record, flush=True)
                     common.append_record(args.out, record)
-    dist.barrier()  # no rank tears its groups down while another still uses them
-    dist.destroy_process_group()
+    common.teardown_distributed()
     return 0
 
 

@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     for shape, u, layout, backend, groups, transport in configs(args, world):
         common.report(run_config(args, meshes, shape, u, layout, backend, groups, transport, device, dtype, rank,
                                  world), args.out, rank)
-    dist.destroy_process_group()
+    common.teardown_distributed()
     return 0  # failed configurations are in the records
 
 

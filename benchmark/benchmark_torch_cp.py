@@ -23,7 +23,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F  # CP patches F.scaled_dot_product_attention: always call it through F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
             for rotate in dict.fromkeys(args.rotate):
                 record = run_config(args, mesh, kv, seq_len, fwd_only, sdpa_backend, rotate, device, dtype, world)
                 common.report(record, args.out, rank)
-    dist.destroy_process_group()
+    common.teardown_distributed()
     return 0  # failed configurations are in the records
 
 

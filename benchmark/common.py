@@ -91,6 +91,14 @@ def setup_distributed() -> tuple[torch.device, int, int]:
     return device, dist.get_rank(), dist.get_world_size()
 
 
+def teardown_distributed() -> None:
+    """End a torchrun launch: wait for every rank, then destroy the groups (without the barrier a
+    rank could tear gloo's connections down while another still closes its own, which aborted a
+    rank now and then on CPU)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def local_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 

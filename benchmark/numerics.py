@@ -99,6 +99,7 @@ def main(argv=None):
         with open(args.out, "a") as f:
             for row in rows:
                 f.write(json.dumps({**meta, **row}) + "\n")
+    dist.barrier()  # see benchmark/common.py: teardown_distributed
     dist.destroy_process_group()
     return rows
 
