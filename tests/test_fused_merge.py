@@ -107,6 +107,10 @@ def test_fused_merge_declines_what_it_cannot_take(fused):
     (oa, ob), (la, lb) = _case((1, 8, 2, 16), torch.bfloat16, seed=5)
     assert not fused.supports(oa.transpose(-1, -2).contiguous().transpose(-1, -2), la, ob, lb)  # strided rows
     assert not fused.supports(oa, la, ob[:, :4], lb[:, :4])  # shapes differ
+    huge = torch.empty_strided(oa.shape, (2**32, 2**29, 16, 1), dtype=oa.dtype, device="meta")  # offsets past 32 bits
+    assert fused.supports(oa, la, ob, lb) and not fused.supports(huge, la, ob, lb)
+    many = torch.empty((4, 8, 2**14, 16), device="meta")  # 65536 (batch, head) pairs
+    assert not fused.supports(many, many[..., 0], many, many[..., 0])
 
 
 def test_merge_takes_the_fused_kernel_only_for_cuda_tensors(monkeypatch):

@@ -44,10 +44,18 @@ def _merge_kernel(out_a, lse_a, out_b, lse_b, S, H, D,
 
 
 def supports(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> bool:
-    """(..., s, h, d) outputs with contiguous rows, (..., s, h) log-sum-exps, no float64."""
+    """(..., s, h, d) outputs with contiguous rows, (..., s, h) log-sum-exps, no float64; offsets
+    that fit 32 bits (the kernel's index arithmetic) and at most 65535 (batch, head) pairs (the grid)."""
+    small = all(_span(t) < 2**31 for t in (out_a, lse_a, out_b, lse_b))
+    pairs = out_a.shape[-2] * (out_a.shape[0] if out_a.dim() == 4 else 1)
     return (out_a.dim() in (3, 4) and out_a.shape == out_b.shape and lse_a.shape == lse_b.shape == out_a.shape[:-1]
             and out_a.stride(-1) == 1 and out_b.stride(-1) == 1 and out_a.dtype != torch.float64
-            and lse_a.dtype == torch.float32)
+            and lse_a.dtype == torch.float32 and small and pairs <= 65535)
+
+
+def _span(t: torch.Tensor) -> int:
+    """One past the largest element offset a view reaches from its first element."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
 
 
 def merge_(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> None:
