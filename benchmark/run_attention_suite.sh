@@ -17,7 +17,9 @@
 # Overrides for other machines or a CPU smoke run (environment): NPROC, SEQS, KVS, NHEADS, HEAD_DIM, DTYPE,
 # PYTHON, BACKENDS, SINGLE_BACKENDS, LAYOUTS, HEAD_GROUPS, TRANSPORTS, SDPA, SDPA_GQA, PROFILE (0 = skip the profiled run),
 # PROFILE_SEQ (default: the longest of SEQS), SHORT_WARMUP/SHORT_ITERS (seq <= 32K),
-# LONG_WARMUP/LONG_ITERS, LIMIT_SHORT/LIMIT_LONG (seconds per launch), BUDGET (seconds for all launches).
+# LONG_WARMUP/LONG_ITERS, LIMIT_SHORT/LIMIT_LONG (seconds per launch), BUDGET (seconds for all launches),
+# INTERLEAVE (N > 0: ours also times N rounds alternating with the one-GPU kernel, a baseline under the
+# same clocks; see benchmark/README.md; it costs about N x 10 iterations per configuration).
 set -u
 
 OUT=${1:-benchmark/results}
@@ -39,6 +41,7 @@ SHORT_WARMUP=${SHORT_WARMUP:-3}; SHORT_ITERS=${SHORT_ITERS:-20}
 LONG_WARMUP=${LONG_WARMUP:-2};   LONG_ITERS=${LONG_ITERS:-5}
 LIMIT_SHORT=${LIMIT_SHORT:-150}; LIMIT_LONG=${LIMIT_LONG:-240}
 BUDGET=${BUDGET:-540}  # seconds for all launches; later ones are skipped (and recorded) so the summary always prints
+INTERLEAVE=${INTERLEAVE:-0}
 
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}  # no NVLink multicast (the machines' rule)
 export TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1} NVSHMEM_DISABLE_NVLS=${NVSHMEM_DISABLE_NVLS:-1}
@@ -102,7 +105,8 @@ for S in $SEQS; do
         --kv_heads $KVS --backend $SINGLE_BACKENDS --world "$NPROC"
     for KV in $KVS; do
         run ours "$LIMIT" "$RESULTS" "$S" "$KV" $TORCHRUN benchmark/benchmark_longctx_qkvpacked.py $COMMON \
-            --kv_heads "$KV" --ulysses_degree 1 2 --ring_impl_type $LAYOUTS --backend $BACKENDS --head_groups $HEAD_GROUPS --transport $TRANSPORTS
+            --kv_heads "$KV" --ulysses_degree 1 2 --ring_impl_type $LAYOUTS --backend $BACKENDS --head_groups $HEAD_GROUPS --transport $TRANSPORTS \
+            --interleave "$INTERLEAVE"
         if [ "$KV" -lt "$NHEADS" ]; then CP_SDPA=$SDPA_GQA; else CP_SDPA=$SDPA; fi
         run torch_cp "$LIMIT" "$RESULTS" "$S" "$KV" $TORCHRUN benchmark/benchmark_torch_cp.py $COMMON \
             --kv_heads "$KV" --sdpa_backend $CP_SDPA --rotate allgather
