@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--head_groups", nargs="+", default=["auto"], type=_groups,
                    help="Ulysses head groups (auto, 1, 2, 4, ...): all-to-all pieces overlapping attention")
     p.add_argument("--transport", nargs="+", default=["auto"], choices=TRANSPORTS,
-                   help="how ranks exchange data: copy engines (one node), nccl, or auto (copy engines where possible)")
+                   help="how ranks exchange data: nccl (torch.distributed), copy_engine (one node), or auto (= nccl today)")
     p.add_argument("--interleave", type=int, default=0, metavar="N",
                    help="also time N rounds alternating the one-GPU kernel on the whole sequence with ours")
     p.add_argument("--interleave_iters", type=int, default=5, help="timed iterations of each side per round")

@@ -26,9 +26,14 @@ def set_transport(name: str) -> None:
     or gloo for CPU tensors) or ``copy_engine`` (the GPUs' copy engines; an error where a group
     cannot use them). Every rank must choose the same, before the first exchange."""
     global _transport
+    _transport = check_transport(name)
+
+
+def check_transport(name: str) -> str:
+    """``name`` if it is one of ``TRANSPORTS``, else an SPConfigError naming the choices."""
     if name not in TRANSPORTS:
         raise SPConfigError(f"unknown transport {name!r}; choose one of {', '.join(TRANSPORTS)}")
-    _transport = name
+    return name
 
 
 def current_transport() -> str:

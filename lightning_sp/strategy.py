@@ -71,8 +71,8 @@ class UlyssesRingStrategy(DDPStrategy):
             sequence-parallel group received the same sample.
         pad_to_multiple: pad sequences to the layout's multiple (else such a sequence is an error).
         transport: how the ring and the all-to-all move data between ranks (``lightning_sp.comm``):
-            ``auto`` (the GPUs' copy engines within a node, else torch.distributed), ``nccl``, or
-            ``copy_engine``; None keeps ``lightning_sp.comm``'s setting (``auto``, or the
+            ``auto`` (today torch.distributed, see the module's doc), ``nccl``, or ``copy_engine``
+            (the GPUs' copy engines within a node); None keeps ``lightning_sp.comm``'s setting (``auto``, or the
             ``LIGHTNING_SP_TRANSPORT`` environment variable).
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy`.
     """
@@ -95,9 +95,7 @@ class UlyssesRingStrategy(DDPStrategy):
         self.attention_heads = attention_heads
         self.check_identical_samples = check_identical_samples
         self.pad_to_multiple = pad_to_multiple
-        if transport is not None and transport not in comm.TRANSPORTS:
-            raise SPConfigError(f"unknown transport {transport!r}; choose one of {', '.join(comm.TRANSPORTS)}")
-        self.transport = transport
+        self.transport = None if transport is None else comm.check_transport(transport)
         self._sp_mesh: SPMesh | None = None
         self._checked_stages: set = set()
         self._rng_to_restore: dict | None = None
