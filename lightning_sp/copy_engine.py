@@ -1,7 +1,8 @@
 """Point-to-point transfers between the GPUs of one node by their copy engines.
 
-NCCL moves data with kernels: while a persistent attention kernel holds every SM, NCCL's kernels
-wait for SMs, so the transfer that should hide behind the attention runs after it. Here the data
+NCCL moves data with kernels, which take SMs from the attention kernels they run beside (and, from a
+normal-priority stream, wait behind the attention kernel's remaining blocks: ``mesh`` gives the
+ring and Ulysses groups high-priority streams for that). Here the data
 moves with cudaMemcpy over NVLink (the copy engines, no SMs) and ranks synchronize through flags
 in GPU memory written and awaited by stream memory operations (no SMs, no host round trip).
 

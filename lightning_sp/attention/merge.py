@@ -95,8 +95,7 @@ class OutputAccumulator:
     def __init__(self, q: torch.Tensor, seq_dim: int, merges_once: bool = False):
         self.shape, self.device, self.seq_dim = q.shape, q.device, seq_dim
         self.dtype = lse_dtype(q.dtype)
-        self.in_place = merges_once and q.dtype != self.dtype
-        self.out_dtype = q.dtype if self.in_place else self.dtype  # of out once something is merged
+        self.out_dtype = q.dtype if merges_once else self.dtype  # of out once something is merged
         self.out = self.lse = None
 
     def add(self, sel, out: torch.Tensor, lse: torch.Tensor) -> None:
