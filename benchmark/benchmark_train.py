@@ -182,15 +182,8 @@ def _make_profiler(spec: dict):
                 return
             common.synchronize(pl_module.device)
             self.prof.__exit__(None, None, None)
-            os.makedirs(spec["profile"], exist_ok=True)
             stem = os.path.join(spec["profile"], f"train_{spec['strategy']}_s{spec['seq_len']}_rank0")
-            self.prof.export_chrome_trace(stem + ".trace.json")
-            cuda = pl_module.device.type == "cuda"
-            with open(stem + ".key_averages.txt", "w") as f:
-                f.write(self.prof.key_averages().table(
-                    sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=50) + "\n")
-            self.summary = dict(common.summarize_trace(stem + ".trace.json", 1), trace=stem + ".trace.json",
-                                table=stem + ".key_averages.txt")
+            self.summary = common.save_profile(self.prof, stem, 1, pl_module.device.type == "cuda", rows=50)
             self.prof = None
 
     return StepProfiler()

@@ -203,11 +203,17 @@ def profile_iterations(fn, iters: int, out_dir: str, tag: str, rank: int, device
             fn()
             prof.step()
         synchronize(device)
-    stem = os.path.join(out_dir, f"{tag}_rank{rank}")
+    return save_profile(prof, os.path.join(out_dir, f"{tag}_rank{rank}"), iters, cuda)
+
+
+def save_profile(prof, stem: str, iters: int, cuda: bool, rows: int = 40) -> dict:
+    """Write a finished profiler's chrome trace (``stem.trace.json``) and kernel table
+    (``stem.key_averages.txt``); return :func:`summarize_trace` of its ``iters`` iterations."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     prof.export_chrome_trace(stem + ".trace.json")
     sort_by = "self_device_time_total" if cuda else "self_cpu_time_total"
     with open(stem + ".key_averages.txt", "w") as f:
-        f.write(prof.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
+        f.write(prof.key_averages().table(sort_by=sort_by, row_limit=rows) + "\n")
     return dict(summarize_trace(stem + ".trace.json", iters), trace=stem + ".trace.json",
                 table=stem + ".key_averages.txt")
 
@@ -251,8 +257,6 @@ def summarize_trace(path: str, iters: int) -> dict:
     window = max(b for _, b in span) - min(a for a, _ in span)
     busy = _union_us(span)
     busy_compute = _union_us(compute)
-    copies = sum(b - a for (a, b), e in zip(span, gpu)
-                 if e["cat"] != "kernel" or any(w in e["name"].lower() for w in COPY_WORDS))
     per_kernel: dict[str, list] = {}
     for (a, b), e in zip(span, gpu):
         entry = per_kernel.setdefault(e["name"][:120], [0, 0.0])
@@ -266,7 +270,7 @@ def summarize_trace(path: str, iters: int) -> dict:
         by_kind[kind] = by_kind.get(kind, 0.0) + (b - a) * ms
     return dict(gpu_events=len(gpu), window_ms=window * ms, compute_ms=busy_compute * ms,
                 comm_ms=_union_us(comm) * ms, exposed_comm_ms=(busy - busy_compute) * ms,
-                idle_ms=(window - busy) * ms, copy_ms=copies * ms,
+                idle_ms=(window - busy) * ms, copy_ms=by_kind.get("copy", 0.0),
                 compute_busy_pct=100.0 * busy_compute / window if window else None,
                 kernel_ms_by_kind=by_kind,  # summed kernel time, overlaps counted twice
                 top_kernels=[dict(name=n, calls_per_iter=c / iters, ms_per_iter=t * ms) for n, (c, t) in top])
