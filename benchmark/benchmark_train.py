@@ -81,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ulysses_degree", type=_degree, default="auto")
     p.add_argument("--ring_degree", type=_degree, default="auto")
     p.add_argument("--ring_impl", default="zigzag", help="ring layout: zigzag, contiguous, stripe")
+    p.add_argument("--head_groups", type=_degree, default=None,
+                   help="the strategy's head_groups (Ulysses all-to-all in that many head groups; default: the layers' auto)")
     p.add_argument("--backend", default=None,
                    help="attention kernel: auto, fa4, cudnn, flash, efficient, cpu_flash, reference (default auto); "
                         f"with --strategy ddp also '{LOCAL}', the default: the model's own attention (torch SDPA)")
@@ -253,7 +255,7 @@ def make_strategy(spec: dict, num_heads: int):
     if spec["strategy"] == "ddp":
         return DDPStrategy(timeout=timeout, **extra)
     kw = dict(ulysses_degree=spec["ulysses_degree"], ring_degree=spec["ring_degree"], ring_impl=spec["ring_impl"],
-              backend=spec["backend"], attention_heads=num_heads, timeout=timeout)
+              backend=spec["backend"], head_groups=spec["head_groups"], attention_heads=num_heads, timeout=timeout)
     if spec["strategy"] == "ulysses_ring_fsdp":
         return UlyssesRingFSDPStrategy(**kw)
     return UlyssesRingStrategy(**kw, **extra)
@@ -320,10 +322,12 @@ def worker(spec_path: str) -> int:
     world = trainer.world_size
     if spec["strategy"] == "ddp":
         ulysses = ring = 1
-        layout = None
+        layout = head_groups = None
     else:
         mesh = strategy.sp_mesh
         ulysses, ring, layout = mesh.ulysses_size, mesh.ring_size, strategy.ring_impl
+        from lightning_sp.attention.ulysses import choose_head_groups
+        head_groups = choose_head_groups(config.num_heads, config.num_kv_heads, ulysses, strategy.head_groups or "auto")
     dp = world // (ulysses * ring)
     try:
         attention, kernel = attention_kernel(spec, config, strategy, device)
@@ -342,6 +346,7 @@ def worker(spec_path: str) -> int:
     per_rank = timer.result["peak_mem_gib_per_rank"]
     record = dict(
         card=common.card_name(device), world=world, ulysses=ulysses, ring=ring, dp=dp, layout=layout,
+        head_groups=head_groups,
         attention=attention, kernel=kernel,
         checkpointing=checkpointing_mode(model_kwargs.get("activation_checkpointing")),
         mlp_chunk_size=model_kwargs.get("mlp_chunk_size"), loss_chunk_size=model_kwargs.get("loss_chunk_size"),

@@ -60,6 +60,9 @@ class UlyssesRingStrategy(DDPStrategy):
         ring_degree: ranks of one ring, or ``"auto"``: all remaining ranks (data parallelism 1).
         ring_impl: the token layout of the ring, one of ``lightning_sp.layout.LAYOUTS``.
         backend: attention kernel backend bound into the model's attention layers (None keeps theirs).
+        head_groups: how many head groups the layers' Ulysses all-to-all is split into, so that one group's
+            communication overlaps another's attention (``"auto"`` or an int; None keeps theirs, see
+            ``lightning_sp.attention.ulysses.choose_head_groups``).
         shift_labels: make ``labels[t] = labels[t + 1]`` on the full sequence before sharding (the last
             position, and in packed batches each document's last token, gets ``ignore_index``).
         ignore_index: label value of positions the loss ignores (shifting and padding use it).
@@ -82,14 +85,18 @@ class UlyssesRingStrategy(DDPStrategy):
     def __init__(self, ulysses_degree: int | str = "auto", ring_degree: int | str = "auto", ring_impl: str = "zigzag",
                  backend: str | None = None, shift_labels: bool = True, ignore_index: int = -100,
                  shard_keys=None, attention_heads: int | None = None, check_identical_samples: bool = False,
-                 pad_to_multiple: bool = True, transport: str | None = None, **kwargs: Any) -> None:
+                 pad_to_multiple: bool = True, transport: str | None = None, head_groups: int | str | None = None,
+                 **kwargs: Any) -> None:
         for name, value in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
             if not _is_degree(value):
                 raise SPConfigError(f"{name} must be a positive int or 'auto', got {value!r}")
+        if head_groups is not None and not _is_degree(head_groups):
+            raise SPConfigError(f"head_groups must be a positive int, 'auto' or None, got {head_groups!r}")
         super().__init__(**kwargs)
         self.ulysses_degree, self.ring_degree = ulysses_degree, ring_degree
         self.ring_impl = L.canonical_layout(ring_impl)
         self.backend = backend
+        self.head_groups = head_groups
         self.shift_labels, self.ignore_index = shift_labels, ignore_index
         self.shard_keys = tuple(DEFAULT_SHARD_KEYS if shard_keys is None else shard_keys)
         self.attention_heads = attention_heads
@@ -169,7 +176,7 @@ class UlyssesRingStrategy(DDPStrategy):
             if not isinstance(module, LongContextAttention):
                 continue
             if module.mesh is None or getattr(module, "_sp_bound_by_strategy", False):
-                module.bind(mesh, ring_impl=self.ring_impl, backend=self.backend)
+                module.bind(mesh, ring_impl=self.ring_impl, backend=self.backend, head_groups=self.head_groups)
                 module._sp_bound_by_strategy = True
             elif module.ring_impl != self.ring_impl or module.mesh.sp_size != mesh.sp_size:
                 raise SPConfigError(

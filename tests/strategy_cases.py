@@ -215,7 +215,8 @@ def fit_job(ulysses, ring, layout, *, data="dense", n=8, batch=2, seq=13, max_st
     mesh = trainer.strategy.sp_mesh
     return {"record": model.record, "params": _state(model), "sp_rank": mesh.sp_rank, "dp_rank": mesh.dp_rank,
             "degrees": (mesh.dp_size, mesh.ring_size, mesh.ulysses_size), "layout": trainer.strategy.ring_impl,
-            "device_mesh_seen": model.device_mesh is mesh.device_mesh, "bound": model.attn.mesh is mesh}
+            "device_mesh_seen": model.device_mesh is mesh.device_mesh, "bound": model.attn.mesh is mesh,
+            "head_groups": model.attn.head_groups}
 
 
 def predict_job(ulysses, ring, layout, *, data="dense", n=4, seq=13):

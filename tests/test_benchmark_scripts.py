@@ -223,7 +223,7 @@ def train_launches(tmp_path_factory):
     """ulysses_ring and ddp, 2 gloo processes each, started together."""
     d = tmp_path_factory.mktemp("train")
     runs = {"ulysses_ring": ["--strategy", "ulysses_ring", "--seq_len", "64", "--checkpointing", "except_attention",
-                             "--peak_tflops", "1", "--profile", str(d / "prof")],
+                             "--peak_tflops", "1", "--profile", str(d / "prof"), "--head_groups", "1"],
             "ddp": ["--strategy", "ddp", "--seq_len", "48", "--compile"]}
     procs = {k: (_train(a, str(d / f"{k}.jsonl")), str(d / f"{k}.jsonl")) for k, a in runs.items()}
     yield procs
@@ -255,6 +255,7 @@ def test_train_benchmark_ulysses_ring(train_launches):
     [r], out = _succeeded(*train_launches["ulysses_ring"])
     _check_train(r, "ulysses_ring", 64)
     assert (r["ulysses"], r["ring"], r["dp"], r["layout"]) == (2, 1, 1, "zigzag")  # auto: Ulysses over both
+    assert r["head_groups"] == 1 and r["args"]["head_groups"] == 1  # --head_groups, through the strategy
     assert r["tokens_per_step"] == 64  # the two ranks share one sequence
     assert r["attention"] == "LongContextAttention" and r["backend"] == "auto" and r["kernel"] == "cpu_flash"
     assert r["checkpointing"] == "except_attention" and r["compile"] is False  # tiny.yaml's compile_blocks
@@ -268,7 +269,7 @@ def test_train_benchmark_ulysses_ring(train_launches):
 def test_train_benchmark_ddp_keeps_local_attention(train_launches):
     [r], _ = _succeeded(*train_launches["ddp"])
     _check_train(r, "ddp", 48)
-    assert (r["ulysses"], r["ring"], r["dp"], r["layout"]) == (1, 1, 2, None)
+    assert (r["ulysses"], r["ring"], r["dp"], r["layout"], r["head_groups"]) == (1, 1, 2, None, None)
     assert r["tokens_per_step"] == 2 * 48  # each GPU its own sequence
     assert (r["attention"], r["backend"], r["kernel"]) == ("LocalAttention", "local", "torch_sdpa")
     assert r["checkpointing"] == "none" and r["mfu"] is None  # tiny.yaml's mode; no peak known on cpu

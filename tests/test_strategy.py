@@ -107,6 +107,8 @@ def test_constructor_errors():
         lightning_sp.UlyssesRingStrategy(ring_impl="ziggzag")
     with pytest.raises(SPConfigError, match="positive int or 'auto'"):
         lightning_sp.UlyssesRingStrategy(ulysses_degree=0)
+    with pytest.raises(SPConfigError, match="head_groups must be a positive int, 'auto' or None, got 0"):
+        lightning_sp.UlyssesRingStrategy(head_groups=0)
 
 
 def _strategy_on(mesh_coords, **kw):
@@ -182,6 +184,13 @@ DP_SPLITS = [(u, r, layout) for u, r in ((1, 2), (2, 1)) for layout in LAYOUTS]
 def test_matches_single_process(world4, ulysses, ring, layout):
     results = world4.run(C.fit_job, ulysses, ring, layout, n=8, batch=2, max_steps=3, timeout=TIMEOUT)
     check_run(results, ulysses, ring, layout, n=8, batch=2, steps=3)
+
+
+def test_head_groups_bound_by_the_strategy(world4):
+    """head_groups=1 (auto would be 2 for TinyLM's 2 heads per Ulysses rank) reaches the layers; same result."""
+    results = world4.run(C.fit_job, 2, 2, "zigzag", n=8, batch=2, max_steps=2, head_groups=1, timeout=TIMEOUT)
+    assert [res["head_groups"] for res in results] == [1] * 4
+    check_run(results, 2, 2, "zigzag", n=8, batch=2, steps=2)
 
 
 @pytest.mark.parametrize("ulysses,ring,layout", DP_SPLITS)

@@ -141,7 +141,7 @@ class LongContextAttention(nn.Module):
     means "bound later" (``bind``, which the Lightning strategy calls). Unbound in a world of one
     process it attends locally; unbound in a larger world it raises. ``head_groups`` splits the
     Ulysses all-to-all into that many head groups so that one group's communication can overlap
-    another's attention (``auto``: 1, see ``ulysses.choose_head_groups``); the result does not depend on it.
+    another's attention (``auto``: 2 where the heads split in two, see ``ulysses.choose_head_groups``); the result does not depend on it.
     """
 
     def __init__(self, mesh: SPMesh | None = None, ring_impl: str = "zigzag", backend: str = "auto",
@@ -152,12 +152,16 @@ class LongContextAttention(nn.Module):
         self.backend = _check_backend(backend)
         self.head_groups = head_groups
 
-    def bind(self, mesh: SPMesh, ring_impl: str | None = None, backend: str | None = None):
+    def bind(self, mesh: SPMesh, ring_impl: str | None = None, backend: str | None = None,
+             head_groups: int | str | None = None):
+        """Attach ``mesh``; the other arguments, where not None, replace this layer's own."""
         self.mesh = mesh
         if ring_impl is not None:
             self.ring_impl = canonical_layout(ring_impl)
         if backend is not None:
             self.backend = _check_backend(backend)
+        if head_groups is not None:
+            self.head_groups = head_groups
         return self
 
     def resolved_mesh(self) -> SPMesh:
