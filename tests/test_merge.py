@@ -33,9 +33,10 @@ ALL, HEAD, TAIL, MID = slice(None), slice(0, 16), slice(8, 24), slice(4, 20)
 
 
 @pytest.mark.parametrize("sels", [(ALL, ALL), (ALL, TAIL), (HEAD, ALL), (HEAD, TAIL), (HEAD, slice(16, 24)),
-                                  (ALL, HEAD, TAIL), (HEAD, MID, ALL), (ALL, ALL, ALL, MID)],
+                                  (ALL, HEAD, TAIL), (HEAD, MID, ALL), (HEAD, ALL, TAIL), (ALL, ALL, ALL, MID),
+                                  (MID,)],
                          ids=["whole+whole", "whole+slice", "slice+whole", "slice+slice", "disjoint",
-                              "three", "three-first-slice", "four"])
+                              "three", "three-first-slice", "slice-whole-slice", "four", "one-slice"])
 def test_partial_sum_bf16_is_float32_sum_rounded(sels):
     parts = [_spread(2, take(torch.empty(SHAPE[1]), s, 0).numel(), 3, 5, seed=i) for i, s in enumerate(sels)]
     want = torch.zeros(SHAPE)
@@ -60,6 +61,20 @@ def test_partial_sum_adds_onto_first_whole_term():
     acc.add(TAIL, second[:, TAIL])
     got = acc.result(BF16)
     assert got.data_ptr() == first.data_ptr()  # written into the first term, no copy of the sum
+    assert _same(got, want)
+
+
+def test_partial_sum_adds_a_first_slice_onto_a_later_whole_term():
+    """The ring backward's dq on a rank whose first block covers half its queries: no zeros, the
+    half is added onto the whole term (same bits as the float32 sum rounded once)."""
+    first, second = _spread(2, 16, 3, 5, seed=7), _spread(*SHAPE, seed=8)
+    want = second.clone()
+    want[:, TAIL] = (first.float() + second[:, TAIL].float()).to(BF16)
+    acc = PartialSum(SHAPE, BF16, "cpu", 1)
+    acc.add(TAIL, first)
+    acc.add(ALL, second)
+    got = acc.result(BF16)
+    assert got.data_ptr() == second.data_ptr()
     assert _same(got, want)
 
 

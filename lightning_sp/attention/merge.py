@@ -26,11 +26,13 @@ def _whole(sel) -> bool:
 class PartialSum:
     """A running sum of per-block gradients over rows of a tensor of ``shape``, in kernel dtype ``dtype``.
 
-    While every row has at most one term the value stays in the kernel dtype (a first term over
-    some rows only is copied into zeros, exactly). A second term over a slice of rows is kept
-    pending and added by ``result`` in place in the kernel dtype: half-precision ``add_`` computes
-    in float32 and rounds once, so that equals the float32 sum rounded. A third term, or an
-    index-tensor selection, moves the sum to float32 as a whole, rounded once by ``result``.
+    While every row has at most one term the value stays in the kernel dtype. At most one term over
+    a slice of rows is kept pending and added by ``result`` in place in the kernel dtype: half-precision
+    ``add_`` computes in float32 and rounds once, so that equals the float32 sum rounded. A first
+    term over some rows only waits that way too, for a whole second term to be added onto (the ring's
+    backward on the rank whose first block covers half its queries); with no whole term it is copied
+    into zeros, exactly. A third term, or an index-tensor selection, moves the sum to float32 as a
+    whole, rounded once by ``result``.
 
     A ``start`` in the kernel dtype counts as one term per row (the ring's first-hop dK/dV message).
     The sum is written into the first whole term it is given (or ``start``): pass tensors it may
@@ -41,16 +43,17 @@ class PartialSum:
         self.shape, self.dtype, self.device, self.seq_dim = shape, dtype, device, seq_dim
         self.acc_dtype = lse_dtype(dtype)
         self.value = start  # None, at most one term per row (kernel dtype), or the float32 sum
-        self.pending = None  # (sel, part): a second term, added when the result is taken
+        self.pending = None  # (sel, part): a term over a slice of rows, added when the result is taken
 
     def add(self, sel, part: torch.Tensor) -> None:
-        if self.value is None and isinstance(sel, slice):  # a first term
-            if _whole(sel):
+        if self.value is None and isinstance(sel, slice):
+            if _whole(sel):  # a whole term: the sum lives in it (a pending term stays pending)
                 self.value = part
-            else:
-                self.value = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-                take(self.value, sel, self.seq_dim).copy_(part)
-            return
+                return
+            if self.pending is None:  # a first term over some rows: no zeros unless no whole term comes
+                self.pending = (sel, part)
+                return
+        self._materialize()
         if (self.value is not None and self.value.dtype != self.acc_dtype and self.pending is None
                 and isinstance(sel, slice)):  # a second term
             self.pending = (sel, part)
@@ -60,6 +63,14 @@ class PartialSum:
             take(self.value, sel, self.seq_dim).add_(part)
         else:
             self.value.index_add_(self.seq_dim, sel, part.to(self.acc_dtype))
+
+    def _materialize(self) -> None:
+        """A pending term with no whole term to add onto: copied into zeros (exact)."""
+        if self.value is None and self.pending is not None:
+            sel, part = self.pending
+            self.pending = None
+            self.value = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            take(self.value, sel, self.seq_dim).copy_(part)
 
     def _widen(self) -> None:
         """Move to the float32 sum, the pending term included."""
@@ -76,6 +87,7 @@ class PartialSum:
             take(self.value, sel, self.seq_dim).add_(part)
 
     def result(self, dtype) -> torch.Tensor:
+        self._materialize()
         if self.value is None:
             return torch.zeros(self.shape, dtype=dtype, device=self.device)
         if self.pending is not None and dtype != self.value.dtype:
