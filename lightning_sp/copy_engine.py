@@ -44,6 +44,85 @@ def _driver():
     return fns
 
 
+class _Memcpy2D(ctypes.Structure):
+    """The driver's CUDA_MEMCPY2D."""
+    _fields_ = [("srcXInBytes", ctypes.c_size_t), ("srcY", ctypes.c_size_t), ("srcMemoryType", ctypes.c_int),
+                ("srcHost", ctypes.c_void_p), ("srcDevice", ctypes.c_uint64), ("srcArray", ctypes.c_void_p),
+                ("srcPitch", ctypes.c_size_t),
+                ("dstXInBytes", ctypes.c_size_t), ("dstY", ctypes.c_size_t), ("dstMemoryType", ctypes.c_int),
+                ("dstHost", ctypes.c_void_p), ("dstDevice", ctypes.c_uint64), ("dstArray", ctypes.c_void_p),
+                ("dstPitch", ctypes.c_size_t),
+                ("WidthInBytes", ctypes.c_size_t), ("Height", ctypes.c_size_t)]
+
+
+_MEMORYTYPE_DEVICE = 2
+
+
+@functools.cache
+def _memcpy2d():
+    lib = ctypes.CDLL("libcuda.so.1")
+    fn = getattr(lib, "cuMemcpy2DAsync_v2", None) or lib.cuMemcpy2DAsync
+    fn.argtypes = [ctypes.POINTER(_Memcpy2D), ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def row_layout(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(row bytes, rows, pitch bytes) when the bytes of ``t`` are equal rows, each contiguous, at one
+    pitch (the K or V of a packed qkv: rows of heads x head_dim, one per token); else None."""
+    dims = [(n, st) for n, st in zip(t.shape, t.stride()) if n != 1]
+    width = 1  # elements in a row: the innermost dimensions laid out without gaps
+    while dims and dims[-1][1] == width:
+        width *= dims.pop()[0]
+    if not dims:
+        return width * t.element_size(), 1, width * t.element_size()
+    for (n0, s0), (n1, s1) in zip(dims[:-1], dims[1:]):  # the outer dimensions must merge into one
+        if s0 != s1 * n1:
+            return None
+    rows, pitch = 1, dims[-1][1]
+    for n, _ in dims:
+        rows *= n
+    if pitch < width:
+        return None
+    return width * t.element_size(), rows, pitch * t.element_size()
+
+
+_side_streams: dict = {}
+
+
+def contiguous_by_copy_engines(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Stream | None]:
+    """Contiguous copies of ``tensors`` (those already contiguous are passed through). CUDA tensors
+    whose bytes form rows at one pitch (``row_layout``) are copied by one cuMemcpy2DAsync each on a
+    side stream, by the copy engines: the caller's stream goes on at once and no SM is taken from its
+    kernels (a copy kernel would take them as the attention kernel beside it frees them, and cost as
+    much). Returns the tensors and the side stream, which holds them ready (the caller's earlier work
+    included); issue what reads them from there. None: everything is ready on the caller's stream."""
+    rows = [t.is_cuda and not t.is_contiguous() and row_layout(t) is not None for t in tensors]
+    tensors = [t if r else t.contiguous() for t, r in zip(tensors, rows)]
+    if not any(rows):
+        return tensors, None
+    device = tensors[0].device
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device)
+    side = _side_streams[device]
+    side.wait_stream(torch.cuda.current_stream(device))
+    packed = []
+    with torch.cuda.stream(side):
+        for t, r in zip(tensors, rows):
+            if not r:
+                packed.append(t)
+                continue
+            out = torch.empty(t.shape, dtype=t.dtype, device=device)
+            width, height, pitch = row_layout(t)
+            spec = _Memcpy2D(srcMemoryType=_MEMORYTYPE_DEVICE, srcDevice=t.data_ptr(), srcPitch=pitch,
+                             dstMemoryType=_MEMORYTYPE_DEVICE, dstDevice=out.data_ptr(), dstPitch=width,
+                             WidthInBytes=width, Height=height)
+            _check(_memcpy2d()(ctypes.byref(spec), side.cuda_stream), "cuMemcpy2DAsync")
+            t.record_stream(side)  # the caller may free t before the side stream has read it
+            packed.append(out)
+    return packed, side
+
+
 def _check(result: int, what: str) -> None:
     if result != 0:
         raise RuntimeError(f"{what} failed with CUDA driver error {result}")
