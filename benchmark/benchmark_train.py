@@ -88,6 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"with --strategy ddp also '{LOCAL}', the default: the model's own attention (torch SDPA)")
     p.add_argument("--checkpointing", choices=CHECKPOINTING, default=None,
                    help="activation checkpointing (default: the model config's)")
+    p.add_argument("--checkpointed_layers", type=int, default=None,
+                   help="apply --checkpointing to the first N layers only (default: the model config's, all)")
     p.add_argument("--mlp_chunk_size", type=int, default=None,
                    help="tokens per MLP chunk, recomputed in the backward (default: the model config's)")
     p.add_argument("--compile", action="store_true", default=None,
@@ -300,6 +302,8 @@ def worker(spec_path: str) -> int:
         model_kwargs["activation_checkpointing"] = spec["checkpointing"]
     if spec["mlp_chunk_size"] is not None:
         model_kwargs["mlp_chunk_size"] = spec["mlp_chunk_size"]
+    if spec["checkpointed_layers"] is not None:
+        model_kwargs["checkpointed_layers"] = spec["checkpointed_layers"]
     if spec["compile"] is not None:
         model_kwargs["compile_blocks"] = spec["compile"]
     config = LlamaConfig(**config_kwargs)
@@ -349,6 +353,7 @@ def worker(spec_path: str) -> int:
         head_groups=head_groups,
         attention=attention, kernel=kernel,
         checkpointing=checkpointing_mode(model_kwargs.get("activation_checkpointing")),
+        checkpointed_layers=model_kwargs.get("checkpointed_layers"),
         mlp_chunk_size=model_kwargs.get("mlp_chunk_size"), loss_chunk_size=model_kwargs.get("loss_chunk_size"),
         compile=bool(model_kwargs.get("compile_blocks", False)), transport=comm.current_transport(),
         config=dataclasses.asdict(config), num_params=config.num_params(), flops_params=n_flops,

@@ -223,7 +223,8 @@ def train_launches(tmp_path_factory):
     """ulysses_ring and ddp, 2 gloo processes each, started together."""
     d = tmp_path_factory.mktemp("train")
     runs = {"ulysses_ring": ["--strategy", "ulysses_ring", "--seq_len", "64", "--checkpointing", "except_attention",
-                             "--peak_tflops", "1", "--profile", str(d / "prof"), "--head_groups", "1"],
+                             "--peak_tflops", "1", "--profile", str(d / "prof"), "--head_groups", "1",
+                             "--checkpointed_layers", "1"],
             "ddp": ["--strategy", "ddp", "--seq_len", "48", "--compile"]}
     procs = {k: (_train(a, str(d / f"{k}.jsonl")), str(d / f"{k}.jsonl")) for k, a in runs.items()}
     yield procs
@@ -259,6 +260,7 @@ def test_train_benchmark_ulysses_ring(train_launches):
     assert r["tokens_per_step"] == 64  # the two ranks share one sequence
     assert r["attention"] == "LongContextAttention" and r["backend"] == "auto" and r["kernel"] == "cpu_flash"
     assert r["checkpointing"] == "except_attention" and r["compile"] is False  # tiny.yaml's compile_blocks
+    assert r["checkpointed_layers"] == 1
     # --profile: one more step, profiled and not timed (_check_train saw 2 timed steps)
     assert r["profile"]["gpu_events"] == 0 and os.path.getsize(r["profile"]["table"]) > 0  # cpu: no GPU activity
     assert os.path.exists(r["profile"]["trace"])

@@ -135,7 +135,29 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients(mode, pac
 def test_except_attention_does_not_rerun_the_core_attention(mode, runs_per_layer, core):
     """"full" recomputes each layer's core attention in the backward pass; "except_attention"
     recomputes the projections (checked) but not the core, whose autograd kept what it needs."""
-    model = tiny(activation_checkpointing=mode)
+    _count_recomputation(tiny(activation_checkpointing=mode), mode, runs_per_layer, core, checkpointed=2)
+
+
+@pytest.mark.parametrize("mode, runs_per_layer", [("except_attention", 1), ("full", 2)])
+def test_checkpointed_layers_recompute_only_the_first_layers(mode, runs_per_layer):
+    model = tiny(activation_checkpointing=mode, checkpointed_layers=1)
+    assert len(model.layers) == 2
+    _count_recomputation(model, mode, runs_per_layer, "long_context", checkpointed=1)
+
+
+@pytest.mark.parametrize("mode", ["full", "except_attention"])
+def test_checkpointed_layers_give_the_same_outputs_and_gradients(mode):
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    batch = {"input_ids": ids, "labels": shifted(ids)}
+    want_logits, want = reference(tiny(), batch)
+    got_logits, got = reference(swap_attention(tiny(activation_checkpointing=mode, checkpointed_layers=1)), batch)
+    assert rel(got_logits, want_logits) < TOL
+    assert set(got) == set(want) and all(rel(got[n], g) < TOL for n, g in want.items())
+
+
+def _count_recomputation(model, mode, runs_per_layer, core, checkpointed):
+    """Forward, backward and a no-grad forward of ``model``, whose first ``checkpointed`` layers use
+    ``mode``: count the core attention's and q_proj's runs."""
     if core == "long_context":
         swap_attention(model)
     cores = [layer.attn.core for layer in model.layers]
@@ -156,11 +178,12 @@ def test_except_attention_does_not_rerun_the_core_attention(mode, runs_per_layer
     n = len(model.layers)
     assert calls == {"core": n, "q_proj": n}  # the forward pass runs each once
     model.logits(hidden).sum().backward()
-    assert calls["core"] == runs_per_layer * n
-    assert calls["q_proj"] == (n if mode == "none" else 2 * n)  # the cheap parts are recomputed
+    recomputing = 0 if mode == "none" else checkpointed
+    assert calls["core"] == n + (runs_per_layer - 1) * recomputing
+    assert calls["q_proj"] == n + recomputing  # the cheap parts are recomputed
     with torch.no_grad():  # no checkpointing without gradients
         model(ids)
-    assert calls["core"] == (runs_per_layer + 1) * n
+    assert calls["core"] == 2 * n + (runs_per_layer - 1) * recomputing
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
@@ -188,6 +211,8 @@ def test_chunked_mlp_gives_the_same_outputs_and_gradients(mode, packed):
 def test_unknown_checkpointing_mode_says_which_exist():
     with pytest.raises(lightning_sp.SPConfigError, match="none, full, except_attention"):
         LlamaForCausalLM(activation_checkpointing="selective")
+    with pytest.raises(lightning_sp.SPConfigError, match="checkpointed_layers must be None .* num_layers=2, got 3"):
+        LlamaForCausalLM(activation_checkpointing="full", checkpointed_layers=3)
 
 
 def test_large_shapes_build_on_the_meta_device():

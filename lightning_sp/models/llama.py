@@ -287,6 +287,11 @@ class LlamaForCausalLM(nn.Module):
     token and layer; under Ulysses also the gathered attention output, about 22.7 KB). The
     attribute holds the canonical mode name.
 
+    ``checkpointed_layers`` (default None: all) applies ``activation_checkpointing`` to the first that
+    many decoder layers only; the others keep every activation and recompute nothing. Between two
+    modes, it spends memory left over on a GPU on less recomputation (as Megatron-LM's
+    ``--recompute-num-layers``).
+
     ``mlp_chunk_size`` (tokens, default None: the whole sequence at once) runs each MLP over at most
     that many tokens at a time, recomputing its wide activations per chunk in the backward pass:
     for the longest sequences, where the MLP's ``intermediate_size``-wide tensors of a whole shard
@@ -302,9 +307,15 @@ class LlamaForCausalLM(nn.Module):
     """
 
     def __init__(self, config: LlamaConfig | None = None, activation_checkpointing: bool | str = False,
-                 loss_chunk_size: int = 4096, mlp_chunk_size: int | None = None, compile_blocks: bool = False):
+                 loss_chunk_size: int = 4096, mlp_chunk_size: int | None = None, compile_blocks: bool = False,
+                 checkpointed_layers: int | None = None):
         super().__init__()
         self.config = config = config or LlamaConfig()
+        if checkpointed_layers is not None and (not isinstance(checkpointed_layers, int) or isinstance(
+                checkpointed_layers, bool) or not 0 <= checkpointed_layers <= config.num_layers):
+            raise SPConfigError(f"checkpointed_layers must be None (all) or an int from 0 to num_layers="
+                                f"{config.num_layers}, got {checkpointed_layers!r}")
+        self.checkpointed_layers = checkpointed_layers
         if not isinstance(loss_chunk_size, int) or loss_chunk_size < 1:
             raise SPConfigError(f"loss_chunk_size must be a positive int, got {loss_chunk_size!r}")
         if mlp_chunk_size is not None and (not isinstance(mlp_chunk_size, int) or mlp_chunk_size < 1):
@@ -341,8 +352,9 @@ class LlamaForCausalLM(nn.Module):
         position_ids = position_ids.to(input_ids.device).expand(input_ids.shape)
         x = self.embed_tokens(input_ids)
         mode = checkpointing_mode(self.activation_checkpointing) if torch.is_grad_enabled() else "none"
-        for layer in self.layers:
-            x = layer(x, position_ids, cu_seqlens, max_seqlen, checkpointing=mode,
+        checkpointed = len(self.layers) if self.checkpointed_layers is None else self.checkpointed_layers
+        for i, layer in enumerate(self.layers):
+            x = layer(x, position_ids, cu_seqlens, max_seqlen, checkpointing=mode if i < checkpointed else "none",
                       compiled=self.compile_blocks)
         return self.norm(x)
 
