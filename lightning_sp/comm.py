@@ -9,13 +9,11 @@ by about as much (32K fwd+bwd 1-2% slower, forward 1-4% faster; benchmark/RESULT
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 import torch.distributed as dist
 
-from .copy_engine import contiguous_by_copy_engines
 from .mesh import SPConfigError, SPMesh
 
 TRANSPORTS = ("auto", "nccl", "copy_engine")
@@ -97,17 +95,14 @@ class RingExchange:
         self.next_index, self.prev_index = (rank + step) % size, (rank - step) % size
 
     def start(self, tensors):
+        tensors = [t.contiguous() for t in tensors]
         engine = copy_engine_for(self.group, tensors[0].device)
         if engine is not None:
-            return engine.send_recv([t.contiguous() for t in tensors], self.next_index, self.prev_index)
-        received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
-        # strided tensors (the K and V of a packed qkv) are packed by the copy engines on a side stream,
-        # and NCCL is issued there: it waits for the packing, the caller's next kernel does not
-        tensors, side = contiguous_by_copy_engines(tensors)
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group) for t in tensors]
-            ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group) for t in received]
-            return _Pending(dist.batch_isend_irecv(ops), received)
+            return engine.send_recv(tensors, self.next_index, self.prev_index)
+        received = [torch.empty_like(t) for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.next_rank, self.group) for t in tensors]
+        ops += [dist.P2POp(dist.irecv, t, self.prev_rank, self.group) for t in received]
+        return _Pending(dist.batch_isend_irecv(ops), received)
 
 
 def start_all_to_all(x: torch.Tensor, group):
