@@ -4,8 +4,9 @@
         --ulysses_degree 1 --ring_impl_type zigzag --backend fa4 --out benchmark/results/attention.jsonl
 
 The ring degree is world / ulysses_degree. Each rank holds its own shard of q, k, v: packed as
-(b, s_local, 3, h, d) through LongContextAttentionQKVPacked for MHA, separate q and k, v through
-LongContextAttention for GQA (--kv_heads < --nheads). --kv_heads, --seq_len, --mode,
+(b, s_local, 3, h, d) through LongContextAttentionQKVPacked for MHA (as the reference's benchmark;
+--separate_qkv: separate contiguous q, k, v, as a model's attention layers pass them), separate q
+and k, v through LongContextAttention for GQA (--kv_heads < --nheads). --kv_heads, --seq_len, --mode,
 --ulysses_degree, --ring_impl_type, --backend and --head_groups take several values and sweep every combination
 in one launch (one JSON record each; with ring degree 1 the layouts are all the same and run once).
 --interleave N times, after each configuration, N alternating rounds of the one-GPU kernel on the
@@ -52,6 +53,9 @@ def parse_args(argv=None):
                    help="Ulysses head groups (auto, 1, 2, 4, ...): all-to-all pieces overlapping attention")
     p.add_argument("--transport", nargs="+", default=["auto"], choices=TRANSPORTS,
                    help="how ranks exchange data: nccl (torch.distributed), copy_engine (one node), or auto (= nccl today)")
+    p.add_argument("--separate_qkv", action="store_true",
+                   help="MHA from separate contiguous q, k, v (LongContextAttention, as a model's layers call it) "
+                        "instead of one packed qkv (the reference's default); GQA always takes separate q, k, v")
     p.add_argument("--interleave", type=int, default=0, metavar="N",
                    help="also time N rounds alternating the one-GPU kernel on the whole sequence with ours")
     p.add_argument("--interleave_iters", type=int, default=5, help="timed iterations of each side per round")
@@ -99,7 +103,7 @@ def make_step(mesh, layout, backend, groups, args, kv, seq_len, fwd_only, device
     b, n, h, d = args.batch_size, seq_len // P, args.nheads, args.head_dim
     g = torch.Generator(device=device).manual_seed(args.seed + dist.get_rank())
     grad = not fwd_only
-    if kv == h:
+    if kv == h and not args.separate_qkv:
         attn = lightning_sp.LongContextAttentionQKVPacked(mesh, ring_impl=layout, backend=backend, head_groups=groups)
         qkv = torch.randn(b, n, 3, h, d, generator=g, device=device, dtype=dtype).requires_grad_(grad)
         inputs = (qkv,)
@@ -118,7 +122,7 @@ def make_step(mesh, layout, backend, groups, args, kv, seq_len, fwd_only, device
         def step():
             out = attn(*inputs, causal=True)
             torch.autograd.grad(out, inputs, dout)
-    return step, "qkvpacked" if kv == h else "q,k,v"
+    return step, "q,k,v" if len(inputs) == 3 else "qkvpacked"
 
 
 def interleaved_baseline(step, args, kernel_name, kv, seq_len, fwd_only, device, dtype, world) -> dict:
@@ -146,7 +150,7 @@ def run_config(args, meshes, shape, u, layout, backend, groups, transport, devic
         "ours", args, device, world, kv_heads=kv, seq_len=seq_len, fwd_only=fwd_only, ulysses=u, ring=ring,
         layout=canonical_layout(layout), ring_impl_type=layout, backend=backend, kernel=None, head_groups=groups,
         transport=transport, config=f"u{u}xr{ring or '?'} {canonical_layout(layout)} {backend} {transport}"
-        + (f" g{groups}" if u > 1 else ""))
+        + (f" g{groups}" if u > 1 else "") + (" q,k,v" if args.separate_qkv and kv == args.nheads else ""))
     try:
         if ring is None:
             raise lightning_sp.SPConfigError(f"--ulysses_degree {u} does not divide the world size {world}")
@@ -170,7 +174,8 @@ def run_config(args, meshes, shape, u, layout, backend, groups, transport, devic
                                                          dtype, world)
         if args.profile:
             tag = (f"ours_h{args.nheads}kv{kv}_s{seq_len}_{'fwd' if fwd_only else 'fwdbwd'}_u{u}r{mesh.ring_size}"
-                   f"_{canonical_layout(layout)}_{record['kernel']}_{transport}" + (f"_g{groups}" if u > 1 else ""))
+                   f"_{canonical_layout(layout)}_{record['kernel']}_{transport}" + (f"_g{groups}" if u > 1 else "")
+                   + ("_separate_qkv" if record["input"] == "q,k,v" and kv == args.nheads else ""))
             try:
                 record["profile"] = common.profile_iterations(step, args.profile_iters, args.profile, tag, rank, device)
             except Exception as exc:  # the timing stands; say why the profile is missing

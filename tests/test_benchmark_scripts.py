@@ -95,7 +95,11 @@ def launches(tmp_path_factory):
                       "--interleave", "2", "--interleave_iters", "2"],
                      ours_out)
     cp = _torchrun("benchmark_torch_cp.py", ["--kv_heads", "4", "2", "--sdpa_backend", "flash"], cp_out)
-    procs = {"ours": (ours, ours_out), "cp": (cp, cp_out)}
+    separate_out = str(d / "separate.jsonl")
+    separate = _torchrun("benchmark_longctx_qkvpacked.py", ["--kv_heads", "4", "--mode", "fwd_bwd", "--separate_qkv",
+                                                           "--backend", "cpu_flash", "--profile", str(d / "prof")],
+                         separate_out)
+    procs = {"ours": (ours, ours_out), "cp": (cp, cp_out), "separate": (separate, separate_out)}
     yield d, procs
     for proc, _ in procs.values():
         if proc.poll() is None:
@@ -142,6 +146,14 @@ def test_ours_records(launches):
     assert {r["ring_impl_type"] for r in timed if r["layout"] == "stripe"} == {"strip"}
     bad = [r for r in records if r["error"] is not None]
     assert all(r["ulysses"] == 3 and "does not divide the world size 2" in r["error"] for r in bad)
+
+
+def test_ours_mha_from_separate_qkv(launches):
+    _, procs = launches
+    [r], _ = _succeeded(*procs["separate"])
+    _check_timed(r, "ours", 2)
+    assert r["input"] == "q,k,v" and r["kv_heads"] == r["nheads"] and r["config"].endswith(" q,k,v")
+    assert r["profile"]["trace"].endswith("_separate_qkv_rank0.trace.json")  # not the packed run's file
 
 
 def test_torch_cp_fails_clearly_on_cpu(launches):
