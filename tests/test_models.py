@@ -97,6 +97,57 @@ def test_chunked_loss_equals_full_cross_entropy_and_its_gradient():
     assert max(rel(p.grad, want_grads[n]) for n, p in model.named_parameters()) < TOL
 
 
+def _linear_ce_case(dtype=torch.float64):
+    g = torch.Generator().manual_seed(11)
+    hidden = torch.randn(23, 16, generator=g, dtype=dtype)
+    weight = (torch.randn(40, 16, generator=g, dtype=dtype) * 0.5)
+    labels = torch.randint(0, 40, (23,), generator=g)
+    labels[3:7] = -100
+    return hidden, weight, labels
+
+
+def test_linear_cross_entropy_gradients_computed_in_the_forward_pass():
+    """Chunks of 5 of 23 rows, ignored labels, an upstream gradient of 3: the sum and both gradients
+    are those of F.cross_entropy on the whole logits, in float64."""
+    from lightning_sp.models.llama import _cross_entropy_and_grad, _LinearCrossEntropy
+
+    hidden, weight, labels = _linear_ce_case()
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want = F.cross_entropy(h1 @ w1.T, labels, ignore_index=-100, reduction="sum")
+    (3 * want).backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    got = _LinearCrossEntropy.apply(h2, w2, labels, 5, -100, _cross_entropy_and_grad)
+    (3 * got).backward()
+    assert abs(got.item() - want.item()) < 1e-12 * want.item()
+    assert rel(h2.grad, h1.grad) < 1e-12 and rel(w2.grad, w1.grad) < 1e-12
+    h3 = hidden.clone().requires_grad_()  # a frozen LM head: no weight gradient is made
+    _LinearCrossEntropy.apply(h3, weight, labels, 5, -100, _cross_entropy_and_grad).backward()
+    assert rel(h3.grad, h1.grad / 3) < 1e-12
+
+
+def test_linear_cross_entropy_under_autocast_matches_the_autograd_path():
+    """bf16 autocast, float32 hidden states and weight (as under bf16-mixed): the matmuls in bf16,
+    gradients back in float32, equal to the chunked F.linear + F.cross_entropy path to bf16 accuracy."""
+    from lightning_sp.models.llama import _cross_entropy_and_grad, _LinearCrossEntropy
+
+    hidden, weight, labels = (t.float() if t.is_floating_point() else t for t in _linear_ce_case())
+    grads = []
+    for fused in (False, True):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                total = _LinearCrossEntropy.apply(h, w, labels, 5, -100, _cross_entropy_and_grad)
+            else:
+                total = sum(F.cross_entropy(F.linear(h[i:i + 5], w).float(), labels[i:i + 5], ignore_index=-100,
+                                            reduction="sum") for i in range(0, 23, 5))
+        total.backward()
+        grads.append((total.detach(), h.grad, w.grad))
+    (want, dh, dw), (got, gh, gw) = grads
+    assert gh.dtype == gw.dtype == torch.float32
+    assert abs(got.item() - want.item()) < 1e-3 * want.item()
+    assert rel(gh, dh) < 1e-2 and rel(gw, dw) < 1e-2
+
+
 def test_packed_documents_do_not_attend_to_each_other():
     model = tiny()
     g = torch.Generator().manual_seed(3)
@@ -391,7 +442,8 @@ def test_compile_blocks_matches_eager_inductor(compile_backend, mode, packed, ml
 @pytest.mark.parametrize("mode", ["none", "except_attention"])
 def test_compile_blocks_compiles_once_for_every_layer(compile_backend, mode):
     """Four layers, two training steps (the recomputation in the backward pass included): one graph
-    per part, the parts before and after the core attention; evaluation (no gradients) adds one each."""
+    per part, the parts before and after the core attention and the loss's cross entropy; evaluation
+    (no gradients, no loss) adds one for each layer part."""
     counters = compile_backend("aot_eager")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4,
@@ -400,11 +452,11 @@ def test_compile_blocks_compiles_once_for_every_layer(compile_backend, mode):
     batch = _compile_case(packed=False)
     for _ in range(2):
         _loss_and_grads(model, batch)
-    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["stats"]["unique_graphs"] == 3
     assert not counters["graph_break"]
     with torch.no_grad():
         model(batch["input_ids"])
-    assert counters["stats"]["unique_graphs"] == 4
+    assert counters["stats"]["unique_graphs"] == 5
 
 
 def test_compile_blocks_says_why_when_it_recompiles_too_often(compile_backend):

@@ -16,7 +16,8 @@ MLP), whose own autograd keeps q, k, v, its output and log-sum-exp, so the quadr
 once forward and once backward as without checkpointing.
 
 ``compile_blocks=True`` compiles each layer's parts around the core attention with ``torch.compile``
-(one compilation for all layers) to fuse their element-wise work; the core attention stays eager.
+(one compilation for all layers) to fuse their element-wise work, and the loss's cross entropy; the
+core attention stays eager.
 """
 from __future__ import annotations
 
@@ -215,7 +216,7 @@ class DecoderLayer(nn.Module):
         if checkpointing not in ("none", "except_attention"):
             raise SPConfigError(f"unknown checkpointing mode {checkpointing!r}; use one of {', '.join(CHECKPOINTING)}")
         part = _recomputed if checkpointing == "except_attention" else _kept
-        before, after = _compiled_parts() if compiled else (_before_attention, _after_attention)
+        before, after = _compiled_parts()[:2] if compiled else (_before_attention, _after_attention)
         q, k, v = part(before, self, x, position_ids, cu_seqlens is not None)
         out = self.attn.core(q, k, v, causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return part(after, self, x, out)
@@ -238,11 +239,12 @@ def _after_attention(layer: DecoderLayer, x, attn_out):
 
 @functools.cache
 def _compiled_parts(backend: str = "inductor"):
-    """(before, after): ``_before_attention`` and ``_after_attention`` under ``torch.compile``, built
-    on first use and shared by every layer of every model. ``fullgraph``: each part is one graph
-    (its element-wise work fused around the matmuls), never silently split; ``dynamic=None``: the
-    first compilation is for the shapes seen, a second for a new number of tokens takes any."""
-    return tuple(_compile(fn, backend) for fn in (_before_attention, _after_attention))
+    """(before, after, cross entropy): ``_before_attention``, ``_after_attention`` and the loss's
+    ``_cross_entropy_and_grad`` under ``torch.compile``, built on first use and shared by every layer
+    of every model. ``fullgraph``: each part is one graph (its element-wise work fused around the
+    matmuls), never silently split; ``dynamic=None``: the first compilation is for the shapes seen, a
+    second for a new number of tokens takes any."""
+    return tuple(_compile(fn, backend) for fn in (_before_attention, _after_attention, _cross_entropy_and_grad))
 
 
 def _compile(fn, backend: str):
@@ -259,6 +261,55 @@ def _compile(fn, backend: str):
                 f"device, grad mode, packed or not, autocast, mlp_chunk_size); run with TORCH_LOGS=recompiles "
                 f"to see why, raise the limit, or use compile_blocks=False") from err
     return run
+
+
+def _cross_entropy_and_grad(logits, labels, ignore_index: int):
+    """(summed cross entropy of the rows whose label is not ``ignore_index``, its gradient with
+    respect to ``logits`` in their dtype), computed in float32 (float64 stays float64)."""
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, 0)[:, None]
+    lse = torch.logsumexp(wide, dim=-1, keepdim=True)
+    loss = torch.where(valid, (lse - wide.gather(-1, target))[:, 0], 0.0).sum()
+    grad = (wide - lse).exp_().scatter_add_(-1, target, torch.full_like(lse, -1.0))
+    return loss, grad.mul_(valid[:, None]).to(logits.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross entropy of ``hidden @ weight.T`` against ``labels``, ``chunk`` rows at a time, with
+    both gradients computed in the forward pass: a chunk's logits live only while it is processed,
+    and nothing is recomputed in the backward pass, which only scales them. Under autocast the
+    matmuls run in its dtype (the weight cast once), as ``F.linear`` would; the weight's gradient
+    is summed over the chunks in float32 (float64 stays float64)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int, ignore_index: int, cross_entropy):
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        with torch.autocast(device, enabled=False):
+            w, h = weight.to(dtype), hidden.to(dtype)
+            total = torch.zeros((), dtype=torch.promote_types(dtype, torch.float32), device=hidden.device)
+            dh = torch.empty_like(h) if need_dh else None
+            dw = torch.zeros(weight.shape, dtype=total.dtype, device=weight.device) if need_dw else None
+            for start in range(0, h.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                loss, grad = cross_entropy(h[rows] @ w.T, labels[rows], ignore_index)
+                total += loss
+                if need_dh:
+                    torch.matmul(grad, w, out=dh[rows])
+                if need_dw:
+                    dw += grad.T @ h[rows]
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        dh, dw = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return (None if dh is None else (dh * grad_total).to(h_dtype),
+                None if dw is None else (dw * grad_total).to(w_dtype), None, None, None, None)
 
 
 def _kept(fn, *args):
@@ -303,7 +354,8 @@ class LlamaForCausalLM(nn.Module):
     fuse into a few kernels around the matmuls. The core attention (collectives, its own autograd)
     stays eager, and so do FSDP's hooks, which are on the layers: functions are compiled, not
     modules. Every layer shares one compilation (made in the first step); it composes with every
-    checkpointing mode, ``mlp_chunk_size`` and packed documents. The attribute can be changed later.
+    checkpointing mode, ``mlp_chunk_size`` and packed documents. The training loss's cross entropy
+    and its gradient (``loss_sum``) are compiled too. The attribute can be changed later.
     """
 
     def __init__(self, config: LlamaConfig | None = None, activation_checkpointing: bool | str = False,
@@ -363,18 +415,20 @@ class LlamaForCausalLM(nn.Module):
 
     def loss_sum(self, hidden, labels, ignore_index: int = -100):
         """(sum of token cross entropies, number of counted tokens) for labels already aligned with
-        ``hidden`` (shifted), in chunks of ``loss_chunk_size`` tokens whose logits are recomputed in
-        the backward pass instead of stored."""
+        ``hidden`` (shifted), in chunks of ``loss_chunk_size`` tokens: no more logits than one
+        chunk's exist at once. With gradients, each chunk's gradients with respect to ``hidden`` and
+        the LM head are computed right away (``_LinearCrossEntropy``), so the backward pass neither
+        keeps nor recomputes logits."""
         if labels.shape != hidden.shape[:-1]:
             raise SPConfigError(f"labels shape {tuple(labels.shape)} does not match the tokens {tuple(hidden.shape[:-1])}")
         h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-        total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-        for start in range(0, h.shape[0], self.loss_chunk_size):
-            part = (h[start:start + self.loss_chunk_size], y[start:start + self.loss_chunk_size])
-            if torch.is_grad_enabled() and h.shape[0] > self.loss_chunk_size:
-                total = total + checkpoint(self._chunk_loss, *part, ignore_index, use_reentrant=False)
-            else:
-                total = total + self._chunk_loss(*part, ignore_index)
+        cross_entropy = _compiled_parts()[2] if self.compile_blocks else _cross_entropy_and_grad
+        weight = self.lm_head.weight
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            total = _LinearCrossEntropy.apply(h, weight, y, self.loss_chunk_size, ignore_index, cross_entropy)
+        else:
+            total = sum(self._chunk_loss(h[i:i + self.loss_chunk_size], y[i:i + self.loss_chunk_size], ignore_index)
+                        for i in range(0, h.shape[0], self.loss_chunk_size))
         return total, (y != ignore_index).sum()
 
     def _chunk_loss(self, h, y, ignore_index):
