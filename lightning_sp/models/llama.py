@@ -427,8 +427,9 @@ class LlamaForCausalLM(nn.Module):
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             total = _LinearCrossEntropy.apply(h, weight, y, self.loss_chunk_size, ignore_index, cross_entropy)
         else:
-            total = sum(self._chunk_loss(h[i:i + self.loss_chunk_size], y[i:i + self.loss_chunk_size], ignore_index)
-                        for i in range(0, h.shape[0], self.loss_chunk_size))
+            total = sum((self._chunk_loss(h[i:i + self.loss_chunk_size], y[i:i + self.loss_chunk_size], ignore_index)
+                         for i in range(0, h.shape[0], self.loss_chunk_size)),
+                        h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32)))
         return total, (y != ignore_index).sum()
 
     def _chunk_loss(self, h, y, ignore_index):
