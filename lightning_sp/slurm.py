@@ -172,12 +172,14 @@ class SLURMRequeue(Callback):
             signum = getattr(signal, name)
             self._previous[signum] = signal.signal(signum, self._handler)
 
-    def _ignore_sigterm(self) -> None:
-        # `scontrol requeue` makes SLURM send SIGTERM to every task at once. Lightning's SIGTERM handler
-        # runs a collective (a broadcast from rank 0) inside the handler, on whichever rank it lands and
-        # wherever that rank is - it would meet our own broadcast and barrier out of order (gloo aborts
-        # with "Received data size doesn't match"). The job is leaving anyway: let SIGTERM pass.
-        self._previous.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, signal.SIG_IGN))
+    def _ignore_sigterm(self):
+        """Ignore SIGTERM; returns the handler it replaces (put back if the requeue fails).
+
+        `scontrol requeue` makes SLURM send SIGTERM to every task at once. Lightning's SIGTERM handler
+        runs a collective (a broadcast from rank 0) inside the handler, on whichever rank it lands and
+        wherever that rank is - it would meet our own broadcast and barrier out of order (gloo aborts
+        with "Received data size doesn't match"). The job is leaving anyway: let SIGTERM pass."""
+        return signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def _restore(self, *signums) -> None:
         for signum in signums or list(self._previous):
@@ -240,7 +242,7 @@ class SLURMRequeue(Callback):
         # job as soon as `scontrol requeue` returns (SIGTERM now, SIGKILL after KillWait)
         for logger in trainer.loggers:
             logger.save()
-        self._ignore_sigterm()
+        sigterm_handler = self._ignore_sigterm()
         trainer.strategy.barrier("lightning_sp.slurm.before_requeue")  # no rank still listens to SIGTERM
         job = SlurmJob.from_env()
         ok = False
@@ -254,7 +256,7 @@ class SLURMRequeue(Callback):
                 rank_zero_info(f"lightning_sp.slurm: requeued job {job.job_id}; exiting")
         ok = trainer.strategy.broadcast(ok, 0)
         if not ok:  # should_stop ends training (unless min_steps keeps it going); the step is logged once
-            self._restore(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, sigterm_handler)  # the training-time one (ours, if SIGTERM is ours)
             return
         # everyone has the answer before anyone leaves (a rank gone mid-collective resets its peers'
         # connections); the pause lets the barrier's last messages land

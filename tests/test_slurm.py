@@ -63,7 +63,7 @@ class _Exited(BaseException):
     """What os._exit does in these tests: the process would end here."""
 
 
-def _requeue_trainer(root: Path, max_steps: int, signal_at: int | None, **trainer_kw):
+def _requeue_trainer(root: Path, max_steps: int, signal_at: int | None, signals=None, **trainer_kw):
     """A one-process Trainer under a fake single-task SLURM job: SLURMRequeue, a CSV log in `root`, and a
     callback that sends this process SIGUSR1 once `signal_at` steps have run (after SLURMRequeue looked:
     it sees the flag one step later, like a signal that lands during a step)."""
@@ -102,7 +102,7 @@ def _requeue_trainer(root: Path, max_steps: int, signal_at: int | None, **traine
             if trainer.global_step == signal_at:
                 os.kill(os.getpid(), signal.SIGUSR1)
 
-    callbacks = [SLURMRequeue(), Signal()]
+    callbacks = [SLURMRequeue() if signals is None else SLURMRequeue(signals=signals), Signal()]
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, default_root_dir=root, callbacks=callbacks,
                         logger=CSVLogger(root, name="logs"), log_every_n_steps=1, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, **trainer_kw)
@@ -180,6 +180,37 @@ def test_a_failed_requeue_stops_after_the_checkpoint_with_the_step_logged_once(t
     assert trainer.global_step == 4 and sorted(p.name for p in tmp_path.glob("hpc_ckpt_*.ckpt")) == ["hpc_ckpt_1.ckpt"]
     assert _logged(tmp_path / "logs" / "version_0") == [0, 1, 2, 3]
     assert signal.getsignal(signal.SIGTERM) == sigterm
+
+def test_a_failed_requeue_gives_sigterm_back_to_its_training_handler(tmp_path, monkeypatch):
+    """SIGTERM among SLURMRequeue's signals: after a failed requeue training goes on (min_steps), and
+    SIGTERM is handled by SLURMRequeue again, not by the handler from before training."""
+    import lightning as L
+
+    import lightning_sp.slurm as slurm_mod
+    monkeypatch.setenv("SLURM_JOB_ID", "79")
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+
+    def scontrol(cmd, **_):
+        return subprocess.CompletedProcess(cmd, 1, "", "scontrol: error: Requested operation is presently disabled")
+
+    monkeypatch.setattr(slurm_mod, "subprocess", type("FakeSubprocess", (), {"run": staticmethod(scontrol)}))
+    trainer, module = _requeue_trainer(tmp_path, max_steps=8, signal_at=3, signals=("SIGUSR1", "SIGTERM"),
+                                       limit_val_batches=0, min_steps=8)
+    requeue = next(c for c in trainer.callbacks if isinstance(c, slurm_mod.SLURMRequeue))
+    seen = {}
+
+    class Look(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            seen[trainer.global_step] = signal.getsignal(signal.SIGTERM)
+
+    trainer.callbacks.append(Look())
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.warns(UserWarning, match="failed .*stopping after the checkpoint"):
+        trainer.fit(module)
+    assert trainer.global_step == 8 and 2 in seen and 7 in seen
+    assert seen[2] == seen[7] == requeue._handler  # ours before and after the failed requeue
+    assert signal.getsignal(signal.SIGTERM) == before  # and the one from before training once it ended
+
 
 @pytest.mark.parametrize("launcher", ["slurm", "slurm_cpu"])
 def test_submitit_launcher_configs_tie_tasks_and_nodes_to_the_trainer(launcher):
