@@ -95,6 +95,9 @@ def test_chunked_loss_equals_full_cross_entropy_and_its_gradient():
     want_loss = F.cross_entropy(want.flatten(0, 1), labels.flatten(), ignore_index=-100)
     assert abs((total / count).item() - want_loss.item()) < 1e-12
     assert max(rel(p.grad, want_grads[n]) for n, p in model.named_parameters()) < TOL
+    with torch.no_grad():  # evaluation: the same chunked sum, no gradient made
+        total_eval, _ = model.loss_sum(model(ids), labels)
+    assert abs(total_eval.item() - total.item()) < 1e-12 * total.item()
 
 
 def _linear_ce_case(dtype=torch.float64):

@@ -263,14 +263,17 @@ def _compile(fn, backend: str):
     return run
 
 
-def _cross_entropy_and_grad(logits, labels, ignore_index: int):
+def _cross_entropy_and_grad(logits, labels, ignore_index: int, with_grad: bool = True):
     """(summed cross entropy of the rows whose label is not ``ignore_index``, its gradient with
-    respect to ``logits`` in their dtype), computed in float32 (float64 stays float64)."""
+    respect to ``logits`` in their dtype, or None without ``with_grad``), computed in float32
+    (float64 stays float64)."""
     wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
     valid = labels != ignore_index
     target = torch.where(valid, labels, 0)[:, None]
     lse = torch.logsumexp(wide, dim=-1, keepdim=True)
     loss = torch.where(valid, (lse - wide.gather(-1, target))[:, 0], 0.0).sum()
+    if not with_grad:
+        return loss, None
     grad = (wide - lse).exp_().scatter_add_(-1, target, torch.full_like(lse, -1.0))
     return loss, grad.mul_(valid[:, None]).to(logits.dtype)
 
@@ -426,16 +429,12 @@ class LlamaForCausalLM(nn.Module):
         weight = self.lm_head.weight
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             total = _LinearCrossEntropy.apply(h, weight, y, self.loss_chunk_size, ignore_index, cross_entropy)
-        else:
-            total = sum((self._chunk_loss(h[i:i + self.loss_chunk_size], y[i:i + self.loss_chunk_size], ignore_index)
-                         for i in range(0, h.shape[0], self.loss_chunk_size)),
+        else:  # the same cross entropy, without its gradient
+            n = self.loss_chunk_size
+            total = sum((cross_entropy(self.lm_head(h[i:i + n]), y[i:i + n], ignore_index, False)[0]
+                         for i in range(0, h.shape[0], n)),
                         h.new_zeros((), dtype=torch.promote_types(h.dtype, torch.float32)))
         return total, (y != ignore_index).sum()
-
-    def _chunk_loss(self, h, y, ignore_index):
-        logits = self.lm_head(h)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="sum")
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
