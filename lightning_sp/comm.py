@@ -90,9 +90,8 @@ class RingExchange:
         size, rank = mesh.ring_size, mesh.ring_rank
         step = -1 if reverse else 1
         self.group = mesh.ring_group
-        self.next_rank = mesh.ring_ranks[(rank + step) % size]
-        self.prev_rank = mesh.ring_ranks[(rank - step) % size]
-        self.next_index, self.prev_index = (rank + step) % size, (rank - step) % size
+        self.next_index, self.prev_index = (rank + step) % size, (rank - step) % size  # within the group
+        self.next_rank, self.prev_rank = mesh.ring_ranks[self.next_index], mesh.ring_ranks[self.prev_index]
 
     def start(self, tensors):
         tensors = [t.contiguous() for t in tensors]

@@ -26,10 +26,10 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DistributedSampler
 
+from . import comm
 from . import layout as L
 from .attention import LongContextAttention
 from .attention.ulysses import check_heads
-from . import comm
 from .mesh import SPConfigError, SPMesh, check_degrees, init_sp_mesh
 
 DEFAULT_SHARD_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")

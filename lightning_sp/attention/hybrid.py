@@ -141,7 +141,8 @@ class LongContextAttention(nn.Module):
     means "bound later" (``bind``, which the Lightning strategy calls). Unbound in a world of one
     process it attends locally; unbound in a larger world it raises. ``head_groups`` splits the
     Ulysses all-to-all into that many head groups so that one group's communication can overlap
-    another's attention (``auto``: 2 where the heads split in two, see ``ulysses.choose_head_groups``); the result does not depend on it.
+    another's attention (``auto``: 2 where the heads split in two, see ``ulysses.choose_head_groups``);
+    the result does not depend on it.
     """
 
     def __init__(self, mesh: SPMesh | None = None, ring_impl: str = "zigzag", backend: str = "auto",
