@@ -146,11 +146,12 @@ def interleaved_baseline(step, args, kernel_name, kv, seq_len, fwd_only, device,
 def run_config(args, meshes, shape, u, layout, backend, groups, transport, device, dtype, rank, world):
     kv, seq_len, fwd_only = shape
     ring = world // u if u >= 1 and world % u == 0 else None
+    separate_mha = args.separate_qkv and kv == args.nheads  # named in the config and the profile files
     record = common.base_record(
         "ours", args, device, world, kv_heads=kv, seq_len=seq_len, fwd_only=fwd_only, ulysses=u, ring=ring,
         layout=canonical_layout(layout), ring_impl_type=layout, backend=backend, kernel=None, head_groups=groups,
         transport=transport, config=f"u{u}xr{ring or '?'} {canonical_layout(layout)} {backend} {transport}"
-        + (f" g{groups}" if u > 1 else "") + (" q,k,v" if args.separate_qkv and kv == args.nheads else ""))
+        + (f" g{groups}" if u > 1 else "") + (" q,k,v" if separate_mha else ""))
     try:
         if ring is None:
             raise lightning_sp.SPConfigError(f"--ulysses_degree {u} does not divide the world size {world}")
@@ -175,7 +176,7 @@ def run_config(args, meshes, shape, u, layout, backend, groups, transport, devic
         if args.profile:
             tag = (f"ours_h{args.nheads}kv{kv}_s{seq_len}_{'fwd' if fwd_only else 'fwdbwd'}_u{u}r{mesh.ring_size}"
                    f"_{canonical_layout(layout)}_{record['kernel']}_{transport}" + (f"_g{groups}" if u > 1 else "")
-                   + ("_separate_qkv" if record["input"] == "q,k,v" and kv == args.nheads else ""))
+                   + ("_separate_qkv" if separate_mha else ""))
             try:
                 record["profile"] = common.profile_iterations(step, args.profile_iters, args.profile, tag, rank, device)
             except Exception as exc:  # the timing stands; say why the profile is missing
