@@ -29,7 +29,7 @@ def group_key(r: dict) -> tuple:
 def config_key(r: dict) -> tuple:
     if r["name"] == "ours":
         return ("ours", r.get("ulysses"), r.get("ring"), r.get("layout"), r.get("backend"), r.get("head_groups"),
-                r.get("transport"))
+                r.get("transport"), r.get("input"))
     if r["name"] == "torch_cp":
         return ("torch_cp", r.get("sdpa_backend"), r.get("rotate"))
     return (r["name"], r.get("backend"))
@@ -66,14 +66,15 @@ def references(group: dict):
 def ours_sorted(group: dict) -> list[dict]:
     rows = [r for r in group.values() if r["name"] == "ours"]
     return sorted(rows, key=lambda r: (-r["ring"], r["ulysses"], r["layout"] or "", r["kernel"] or "",
-                                       r.get("head_groups") or 1, r.get("transport") or ""))
+                                       r.get("head_groups") or 1, r.get("transport") or "", r.get("input") or ""))
 
 
 def series_name(r) -> str:
     groups = r.get("head_groups") or 1
     transport = r.get("transport") or "nccl"
+    separate_mha = r.get("input") == "q,k,v" and r.get("kv_heads") == r.get("nheads")  # --separate_qkv
     return (f"{r['layout']} / {r['kernel']}" + (f" / {groups} head groups" if groups > 1 else "")
-            + (f" / {transport}" if transport != "nccl" else ""))
+            + (f" / {transport}" if transport != "nccl" else "") + (" / q,k,v" if separate_mha else ""))
 
 
 def _ratio(a, b, fmt):

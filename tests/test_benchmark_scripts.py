@@ -177,11 +177,12 @@ def test_plot_summary_and_figures(launches, capsys):
         plots = []
     except ImportError:
         plots = ["--no_plots"]
-    plot.main([str(d / "ours.jsonl"), str(d / "single.jsonl"), str(d / "cp.jsonl"), "--out_dir",
-               str(d / "plots"), *plots])
+    plot.main([str(d / "ours.jsonl"), str(d / "single.jsonl"), str(d / "cp.jsonl"), str(d / "separate.jsonl"),
+               "--out_dir", str(d / "plots"), *plots])
     text = capsys.readouterr().out
     assert "== h4/kv4 d16 b1 S=64 fwd+bwd on cpu" in text and "== h4/kv2 d16 b1 S=64 fwd on cpu" in text
     assert "u1xr2 zigzag / cpu_flash" in text and "u2xr1 zigzag / cpu_flash" in text
+    assert "u1xr2 zigzag / cpu_flash / auto / q,k,v" in text  # --separate_qkv: its own row beside the packed one
     assert "%perf-cpu_flash" in text and "failed configuration" in text
     assert "same launch, one-GPU cpu_flash / 2 = " in text and "% interleaved (" in text
     if not plots:
