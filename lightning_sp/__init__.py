@@ -1,7 +1,7 @@
 """lightning_sp: exact sequence-parallel attention (Ulysses x Ring) for PyTorch and Lightning."""
 from . import kernels, layout
 from .attention import (FUNCTIONS, LongContextAttention, LongContextAttentionQKVPacked, UlyssesAttention,
-                        long_context_attention, ring_mesh)
+                        long_context_attention, packed_long_context_attention, ring_mesh)
 from .kernels import KernelError
 from .mesh import SPConfigError, SPMesh, init_sp_mesh
 from . import loss
@@ -15,7 +15,8 @@ globals().update(FUNCTIONS)
 __version__ = "0.1.0"
 __all__ = ["KernelError", "LongContextAttention", "LongContextAttentionQKVPacked", "SPConfigError", "SPMesh",
            "TokenLoss", "UlyssesAttention", "UlyssesRingFSDPStrategy", "UlyssesRingStrategy", "init_sp_mesh",
-           "kernels", "layout", "long_context_attention", "loss", "register_strategies", "ring_mesh",
+           "kernels", "layout", "long_context_attention", "loss", "packed_long_context_attention",
+           "register_strategies", "ring_mesh",
            *sorted(FUNCTIONS)]
 
 from .models import swap_attention  # noqa: E402  (models sit above the attention layer)

@@ -82,3 +82,16 @@ def kernel_errors(backend: str, q, k, v, dout, ref, *, causal=False):
     out, lse = kernel.forward(q, k, v, causal=causal)
     got = [out, *kernel.backward(dout, q, k, v, out, lse, causal=causal)]
     return kernel.name, [rel_error(a, b) for a, b in zip(got, ref)]
+
+
+def packed_leaves(api: str, q, k, v) -> list[torch.Tensor]:
+    """Fresh leaves (requiring grad) in the form an API takes: q, k, v; q, kv for ``*_kvpacked_*``
+    functions (kv stacked along dim -3); qkv for ``*_qkvpacked_*`` functions and the ``qkvpacked``
+    module. ``lightning_sp.attention.hybrid.unpack`` turns their gradients back into dq, dk, dv."""
+    if api in ("qkvpacked", "LongContextAttentionQKVPacked") or "_qkvpacked_" in api:
+        leaves = [torch.stack([q, k, v], dim=-3)]
+    elif "_kvpacked_" in api:
+        leaves = [q, torch.stack([k, v], dim=-3)]
+    else:
+        leaves = [q, k, v]
+    return [t.detach().clone().requires_grad_() for t in leaves]

@@ -6,6 +6,8 @@ import torch.distributed as dist
 
 import lightning_sp
 from lightning_sp import layout as L
+from lightning_sp.attention.hybrid import unpack
+from lightning_sp.testing import packed_leaves
 
 
 def reference_attention(q, k, v, *, causal, scale, window=(-1, -1), doc_ids=None, positions=None):
@@ -65,21 +67,17 @@ def dense_case(ulysses, ring, layout, causal, heads, kv_heads, dtype=torch.float
     local = [L.shard(t, mesh, layout).to(dtype) for t in (q, k, v)]
     assert local[0].shape[1] == S // mesh.sp_size, "a rank must hold exactly its share of the tokens"
     assert torch.equal(local[0].double(), q[:, idx].to(dtype).double())
-    ql, kl, vl = [t.clone().requires_grad_() for t in local]
+    leaves = packed_leaves(api, *local)
     if api == "module":
         attn = lightning_sp.LongContextAttention(mesh, ring_impl=layout, backend=backend, head_groups=head_groups)
-        out = attn(ql, kl, vl, causal=causal, softmax_scale=scale, window_size=window)
+        out = attn(*leaves, causal=causal, softmax_scale=scale, window_size=window)
     elif api == "qkvpacked":
-        qkv = torch.stack([ql, kl, vl], dim=2).detach().requires_grad_()
         out = lightning_sp.LongContextAttentionQKVPacked(mesh, ring_impl=layout, backend=backend)(
-            qkv, causal=causal, softmax_scale=scale, window_size=window)
+            *leaves, causal=causal, softmax_scale=scale, window_size=window)
     else:  # a seed-compatible function name, pure ring over the world
-        out = getattr(lightning_sp, api)(ql, kl, vl, softmax_scale=scale, causal=causal, window_size=window)
+        out = getattr(lightning_sp, api)(*leaves, softmax_scale=scale, causal=causal, window_size=window)
     out.backward(L.shard(dout, mesh, layout).to(dtype))
-    if api == "qkvpacked":
-        grads = qkv.grad.unbind(2)
-    else:
-        grads = (ql.grad, kl.grad, vl.grad)
+    grads = unpack([x.grad for x in leaves])
     errs = {"out": rel_err(out, L.shard(ref[0], mesh, layout))}
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref[1:]):
         errs[name] = rel_err(g, L.shard(r, mesh, layout))
@@ -88,6 +86,24 @@ def dense_case(ulysses, ring, layout, causal, heads, kv_heads, dtype=torch.float
     tol = TOL[dtype]
     assert all(e < tol for e in errs.values()), f"errors {errs} above {tol}"
     return errs
+
+
+def packed_matches_separate_case(layout, api, dtype=torch.bfloat16, heads=4, head_dim=8):
+    """bfloat16 output and gradients of a packed input are bit for bit those of separate q, k, v (the
+    packed gradient is written in place, its sums rounded exactly as the separate ones)."""
+    mesh = lightning_sp.init_sp_mesh(ulysses_degree=1, ring_degree=dist.get_world_size())
+    S = 4 * L.layout_multiple(layout, mesh)
+    q, k, v, dout = _inputs(2, S, heads, heads, head_dim, seed=3)
+    local = [L.shard(t, mesh, layout).to(dtype) for t in (q, k, v)]
+    dout = L.shard(dout, mesh, layout).to(dtype)
+    results = []
+    for form in (api.replace("qkvpacked_", "").replace("kvpacked_", ""), api):
+        leaves = packed_leaves(form, *local)
+        out = getattr(lightning_sp, form)(*leaves, causal=True)
+        out.backward(dout)
+        results.append([out.detach(), *unpack([x.grad for x in leaves])])
+    for name, separate, packed in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.equal(separate, packed), f"{name} of {api} differs from the separate q, k, v result"
 
 
 def varlen_case(ulysses, ring, layout, causal, heads, kv_heads, doc_lengths, dtype=torch.float64,
@@ -109,17 +125,17 @@ def varlen_case(ulysses, ring, layout, causal, heads, kv_heads, doc_lengths, dty
     real = packed.token_index >= 0
     assert torch.equal(packed.position_ids[real], positions[packed.token_index[real]])
     assert local[0].shape[0] * mesh.sp_size == int(packed.padded_cu_seqlens[-1]), "each rank holds its share only"
-    ql, kl, vl = [t.clone().requires_grad_() for t in local[:3]]
+    leaves = packed_leaves(api, *local[:3])
     if api == "module":
         out = lightning_sp.LongContextAttention(mesh, ring_impl=layout, head_groups=head_groups)(
-            ql, kl, vl, causal=causal, window_size=window, cu_seqlens=packed.cu_seqlens,
+            *leaves, causal=causal, window_size=window, cu_seqlens=packed.cu_seqlens,
             max_seqlen=packed.max_seqlen)
     else:
-        out = getattr(lightning_sp, api)(ql, kl, vl, packed.cu_seqlens, packed.max_seqlen, causal=causal,
+        out = getattr(lightning_sp, api)(*leaves, packed.cu_seqlens, packed.max_seqlen, causal=causal,
                                          window_size=window)
     out.backward(local[3])
     errs = {}
-    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, ql.grad, kl.grad, vl.grad), ref):
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *unpack([x.grad for x in leaves])), ref):
         errs[name] = rel_err(got[real], want[packed.token_index[real]])
         assert torch.all(got[~real] == 0) or name == "out", f"{name} of padding must be zero"
     errs["unshard"] = rel_err(packed.unshard(out.detach(), mesh), ref[0])

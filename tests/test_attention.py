@@ -109,7 +109,30 @@ def test_seed_varlen_functions(worlds, func, causal):
     assert max(max(e.values()) for e in errs) < 1e-10
 
 
-@pytest.mark.parametrize("world,u,r", [(1, 1, 1), (4, 2, 2)])
+@pytest.mark.parametrize("func", [f"{family}_{packing}_func" for family in ("ring_flash_attn", "zigzag_ring_flash_attn",
+                                                                           "stripe_flash_attn")
+                                  for packing in ("kvpacked", "qkvpacked")])
+def test_seed_packed_functions(worlds, func):
+    """kv/qkv packed: the ring sends the packed tensor whole, the gradient is written in it."""
+    layout = {"ring": "contiguous", "zigzag": "zigzag", "stripe": "stripe"}[func.split("_")[0]]
+    errs = _run(worlds, 2, C.dense_case, 1, 2, layout, True, 4, 4, api=func)
+    assert max(max(e.values()) for e in errs) < 1e-10
+
+
+def test_seed_packed_varlen_function(worlds):
+    errs = _run(worlds, 2, C.varlen_case, 1, 2, "zigzag", True, 4, 4, DOCS_CAUSAL,
+                api="zigzag_ring_flash_attn_varlen_qkvpacked_func")
+    assert max(max(e.values()) for e in errs) < 1e-10
+
+
+@pytest.mark.parametrize("world,layout,api", [(2, "zigzag", "zigzag_ring_flash_attn_qkvpacked_func"),
+                                              (2, "contiguous", "ring_flash_attn_kvpacked_func"),
+                                              (4, "zigzag", "zigzag_ring_flash_attn_qkvpacked_func")])
+def test_packed_bf16_bits_match_separate(worlds, world, layout, api):
+    _run(worlds, world, C.packed_matches_separate_case, layout, api)
+
+
+@pytest.mark.parametrize("world,u,r", [(1, 1, 1), (2, 1, 2), (4, 2, 2)])
 def test_qkv_packed_module(worlds, world, u, r):
     errs = _run(worlds, world, C.dense_case, u, r, "zigzag", True, 4, 4, api="qkvpacked")
     assert max(max(e.values()) for e in errs) < 1e-10

@@ -60,6 +60,16 @@ def test_kernel_contract(name, dtype, tol, sq, sk, h, hk, causal, window):
     grads = kernel.backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=0.3, window=window)
     for got, want in zip(grads, ref[2:]):
         assert got.shape == want.shape and rel(got, want) < tol
+    # into: the gradients land in the given tensors (here slices of one packed (b, s, 3, h, d) buffer)
+    if sq == sk and h == hk:
+        packed = torch.full((2, sq, 3, h, 16), float("nan"), dtype=dtype)
+        into = (packed[:, :, 0], None, packed[:, :, 2])
+        placed = kernel.backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=0.3, window=window,
+                                 into=into)
+        assert placed[0] is into[0] and placed[2] is into[2]
+        for got, want in zip(placed, grads):
+            assert torch.equal(got, want)
+        assert packed[:, :, 1].isnan().all()  # no destination: untouched
 
 
 @pytest.mark.parametrize("name", CPU_KERNELS)

@@ -78,6 +78,33 @@ def test_partial_sum_adds_a_first_slice_onto_a_later_whole_term():
     assert _same(got, want)
 
 
+def test_partial_sum_result_into_a_term_it_holds():
+    """The ring backward's own-block dK/dV written by the kernel into a packed gradient's slice: the
+    received sum is added onto that slice (same bits as the float32 sum rounded once), no copy."""
+    packed = _spread(2, 24, 3, 3, 5, seed=11)
+    received, own = _spread(*SHAPE, seed=12), packed[:, :, 1]
+    want = (received.float() + own.float()).to(BF16)
+    acc = PartialSum(SHAPE, BF16, "cpu", 1, start=received)
+    acc.add(ALL, own)
+    got = acc.result(BF16, out=own)
+    assert got is own and _same(got.contiguous(), want)
+
+
+@pytest.mark.parametrize("sels", [(ALL, TAIL), (HEAD, TAIL), (ALL, ALL, MID), ()], ids=["two", "slices", "three", "none"])
+def test_partial_sum_result_into_another_tensor(sels):
+    """Where no term lives in ``out`` the sum is copied there: the same bits as without ``out``."""
+    parts = [_spread(2, take(torch.empty(SHAPE[1]), s, 0).numel(), 3, 5, seed=20 + i) for i, s in enumerate(sels)]
+    sums = []
+    for out in (None, torch.full((2, 24, 2, 3, 5), float("nan"), dtype=BF16)[:, :, 1]):
+        acc = PartialSum(SHAPE, BF16, "cpu", 1)
+        for s, p in zip(sels, parts):
+            acc.add(s, p.clone())
+        got = acc.result(BF16, out=out)
+        assert out is None or got is out
+        sums.append(got.contiguous())
+    assert _same(*sums)
+
+
 def test_partial_sum_start_and_float32_result():
     """A received single-term start plus own terms; the float32 result (a later hop's message) keeps
     the second term unrounded, and the kernel-dtype result of the same terms rounds it once."""

@@ -14,7 +14,7 @@ import inspect
 import torch.distributed as dist
 
 from ..mesh import SPMesh, single_process_mesh
-from .hybrid import long_context_attention, reject_unsupported
+from .hybrid import packed_long_context_attention, reject_unsupported
 
 _P = inspect.Parameter
 _OPTIONS = (("dropout_p", 0.0), ("softmax_scale", None), ("causal", False), ("window_size", (-1, -1)),
@@ -33,12 +33,6 @@ def ring_mesh(group=None) -> SPMesh:
     return SPMesh(None, 1, len(ranks), 1, 0, dist.get_rank(group), 0, None, group, None, group, ranks)
 
 
-def _unpack(packing: str, args: dict, dim: int):
-    if packing == "qkvpacked_":
-        return args["qkv"].unbind(dim)
-    if packing == "kvpacked_":
-        return (args["q"], *args["kv"].unbind(dim))
-    return args["q"], args["k"], args["v"]
 
 
 def _make(family: str, packing: str, varlen: bool):
@@ -52,9 +46,8 @@ def _make(family: str, packing: str, varlen: bool):
         bound.apply_defaults()
         a = bound.arguments
         reject_unsupported(a["dropout_p"], a["alibi_slopes"])
-        q, k, v = _unpack(packing, a, dim=1 if varlen else 2)
-        out, lse = long_context_attention(
-            q, k, v, ring_mesh(a["group"]), layout, causal=a["causal"], softmax_scale=a["softmax_scale"],
+        out, lse = packed_long_context_attention(
+            tuple(a[name] for name in _PACKINGS[packing]), ring_mesh(a["group"]), layout, causal=a["causal"], softmax_scale=a["softmax_scale"],
             window_size=a["window_size"], cu_seqlens=a.get("cu_seqlens"), max_seqlen=a.get("max_seqlen"),
             return_lse=True)
         return (out, lse.transpose(-1, -2), None) if a["return_attn_probs"] else out

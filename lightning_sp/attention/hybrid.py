@@ -39,24 +39,40 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
+def unpack(inputs):
+    """q, k, v from (q, k, v), (q, kv) or (qkv,): a packed tensor holds k, v (or q, k, v) along dim -3."""
+    if len(inputs) == 3:
+        return tuple(inputs)
+    if len(inputs) == 2:
+        return (inputs[0], *inputs[1].unbind(-3))
+    return inputs[0].unbind(-3)
+
+
 class _HybridAttention(torch.autograd.Function):
     """Ulysses around the ring, head group by head group: (b, s, H, d) sequence shards in and out
-    (packed documents as (1, t, H, d)); the ring sees whole-sequence head shards."""
+    (packed documents as (1, t, H, d)); the ring sees whole-sequence head shards. The inputs are
+    (q, k, v), (q, kv) or (qkv,) (see ``unpack``); a packed input gets its gradient in its own
+    layout, written in place rather than stacked, and without Ulysses the ring sends it whole
+    rather than copying its strided k and v."""
 
     @staticmethod
-    def forward(ctx, spec: RingSpec, groups: int, q, k, v):
+    def forward(ctx, spec: RingSpec, groups: int, *inputs):
         varlen = spec.cu_seqlens is not None
-        scatter, gather = HeadScatter([q, k, v], spec.mesh, groups), HeadGather(spec.mesh, groups)
+        packed = inputs[-1] if len(inputs) < 3 else None
+        kv_packed = packed if packed is not None and spec.mesh.ulysses_size == 1 else None
+        scatter, gather = HeadScatter(unpack(inputs), spec.mesh, groups), HeadGather(spec.mesh, groups)
         saved, plans, lses = [], [], []
         for g in range(groups):
             qg, kg, vg = (x[0] if varlen else x for x in scatter[g])
-            out, lse, plan, last_kv = ring_forward(spec, qg, kg, vg)
+            message_in = kv_packed[0] if varlen and kv_packed is not None else kv_packed
+            out, lse, plan, message = ring_forward(spec, qg, kg, vg, message_in)
             gather.send(g, [out.unsqueeze(0) if varlen else out])
-            saved += [qg, kg, vg, out, lse, *last_kv]
+            saved += [qg, kg, vg, out, lse, *message]
             plans.append(plan)
             lses.append(lse)
         ctx.save_for_backward(*saved)
         ctx.spec, ctx.groups, ctx.plans = spec, groups, plans
+        ctx.packed_shapes = [x.shape for x in inputs] if packed is not None else None
         lse = torch.cat(lses, dim=-1) if groups > 1 else lses[0]
         ctx.mark_non_differentiable(lse)
         return gather.result()[0], lse
@@ -64,25 +80,41 @@ class _HybridAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         spec, varlen = ctx.spec, ctx.spec.cu_seqlens is not None
+        U = spec.mesh.ulysses_size
         scatter, gather = HeadScatter([dout.contiguous()], spec.mesh, ctx.groups), HeadGather(spec.mesh, ctx.groups)
-        saved = ctx.saved_tensors
+        packed_grads = into = None
+        if ctx.packed_shapes is not None:
+            packed_grads = [dout.new_empty(shape) for shape in ctx.packed_shapes]
+            into = unpack(packed_grads)
+        ring_into = None if into is None or U > 1 else [x[0] for x in into] if varlen else into
+        saved, per_group = ctx.saved_tensors, len(ctx.saved_tensors) // ctx.groups
         for g in range(ctx.groups):
             dout_g = scatter[g][0]
-            q, k, v, out, lse, *last_kv = saved[7 * g:7 * g + 7]
-            grads = ring_backward(spec, ctx.plans[g], dout_g[0] if varlen else dout_g, q, k, v, out, lse, last_kv)
+            q, k, v, out, lse, *message = saved[per_group * g:per_group * (g + 1)]
+            grads = ring_backward(spec, ctx.plans[g], dout_g[0] if varlen else dout_g, q, k, v, out, lse, message,
+                                  into=ring_into)
             gather.send(g, [x.unsqueeze(0) for x in grads] if varlen else grads)
-        return (None, None, *gather.result())
+        grads = gather.result(into=into if U > 1 else None)
+        return (None, None, *(packed_grads if packed_grads is not None else grads))
 
 
-def long_context_attention(q, k, v, mesh: SPMesh, layout: str, *, causal=False, softmax_scale=None,
-                           window_size=(-1, -1), cu_seqlens=None, max_seqlen=None, backend="auto",
-                           head_groups="auto", return_lse=False):
-    """Functional hybrid attention on this rank's tokens (see :class:`LongContextAttention`).
+def long_context_attention(q, k, v, mesh: SPMesh, layout: str, **options):
+    """Functional hybrid attention on this rank's tokens (see :class:`LongContextAttention` and
+    :func:`packed_long_context_attention` for ``options``)."""
+    return packed_long_context_attention((q, k, v), mesh, layout, **options)
+
+
+def packed_long_context_attention(inputs, mesh: SPMesh, layout: str, *, causal=False, softmax_scale=None,
+                                  window_size=(-1, -1), cu_seqlens=None, max_seqlen=None, backend="auto",
+                                  head_groups="auto", return_lse=False):
+    """Functional hybrid attention on this rank's tokens, given as (q, k, v), (q, kv) or (qkv,)
+    (kv: (b, s, 2, Hk, d), qkv: (b, s, 3, H, d); with ``cu_seqlens`` without the batch dimension).
     With ``return_lse`` also the log-sum-exp in float32, (b, S/R, H/U) or (t*U, H/U) for packed
     documents: the rows and heads this rank attended (the ring's sequence shard, its Ulysses heads)."""
     layout = canonical_layout(layout)
     window = normalize_window(window_size)
     varlen = cu_seqlens is not None
+    q, k, v = unpack(inputs)
     expected_dim = 3 if varlen else 4
     if q.dim() != expected_dim or k.dim() != expected_dim or v.dim() != expected_dim:
         shape = "(tokens, heads, head_dim) with cu_seqlens" if varlen else "(batch, seq, heads, head_dim)"
@@ -90,7 +122,7 @@ def long_context_attention(q, k, v, mesh: SPMesh, layout: str, *, causal=False, 
     if k.shape != v.shape or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != q.shape[-1]:
         raise SPConfigError(f"incompatible q, k, v shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:  # e.g. fp32 RoPE output next to a bf16 value
-        k, v = k.to(q.dtype), v.to(q.dtype)
+        inputs = q, k.to(q.dtype), v.to(q.dtype)
     U, R = mesh.ulysses_size, mesh.ring_size
     check_heads(q.shape[-2], k.shape[-2], U)
     groups = choose_head_groups(q.shape[-2], k.shape[-2], U, head_groups)
@@ -98,7 +130,6 @@ def long_context_attention(q, k, v, mesh: SPMesh, layout: str, *, causal=False, 
     if varlen:
         cu = [int(x) for x in torch.as_tensor(cu_seqlens).tolist()]
         _check_varlen(cu, q.shape[0], layout, mesh)
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     else:
         cu = None
         n_ring = q.shape[1] * U
@@ -106,11 +137,14 @@ def long_context_attention(q, k, v, mesh: SPMesh, layout: str, *, causal=False, 
             raise SPConfigError(f"the zigzag layout needs an even number of tokens per ring rank; got "
                                 f"{n_ring} ({q.shape[1]} local x ulysses {U}); pad the sequence to a multiple "
                                 f"of {2 * R * U}")
-    rep = replicated_kv_heads(k.shape[2], U) // k.shape[2]
+    rep = replicated_kv_heads(k.shape[-2], U) // k.shape[-2]
     if rep > 1:  # every Ulysses rank needs whole KV heads; autograd sums the replicas' gradients
-        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        q, k, v = unpack(inputs)
+        inputs = q, k.repeat_interleave(rep, dim=-2), v.repeat_interleave(rep, dim=-2)
+    if varlen:
+        inputs = [x.unsqueeze(0) for x in inputs]
     spec = RingSpec(mesh, layout, causal, scale, window, _check_backend(backend), tuple(cu) if varlen else None)
-    out, lse = _HybridAttention.apply(spec, groups, q, k, v)
+    out, lse = _HybridAttention.apply(spec, groups, *inputs)
     if varlen:
         out = out[0]
     return (out, lse) if return_lse else out
@@ -176,10 +210,13 @@ class LongContextAttention(nn.Module):
 
     def forward(self, q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), cu_seqlens=None,
                 max_seqlen=None):
-        return long_context_attention(q, k, v, self.resolved_mesh(), self.ring_impl, causal=causal,
-                                      softmax_scale=softmax_scale, window_size=window_size,
-                                      cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend,
-                                      head_groups=self.head_groups)
+        return self._attend((q, k, v), causal, softmax_scale, window_size, cu_seqlens, max_seqlen)
+
+    def _attend(self, inputs, causal, softmax_scale, window_size, cu_seqlens, max_seqlen):
+        return packed_long_context_attention(
+            inputs, self.resolved_mesh(), self.ring_impl, causal=causal, softmax_scale=softmax_scale,
+            window_size=window_size, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend,
+            head_groups=self.head_groups)
 
     def extra_repr(self) -> str:
         mesh = "unbound" if self.mesh is None else self.mesh.describe()
@@ -188,12 +225,12 @@ class LongContextAttention(nn.Module):
 
 
 class LongContextAttentionQKVPacked(LongContextAttention):
-    """LongContextAttention on one packed ``(batch, local_seq, 3, heads, head_dim)`` input."""
+    """LongContextAttention on one packed ``(batch, local_seq, 3, heads, head_dim)`` input; its
+    gradient comes packed the same way, written in place."""
 
     def forward(self, qkv, causal=False, softmax_scale=None, window_size=(-1, -1), cu_seqlens=None,
                 max_seqlen=None):
-        q, k, v = qkv.unbind(dim=-3)
-        return super().forward(q, k, v, causal, softmax_scale, window_size, cu_seqlens, max_seqlen)
+        return self._attend((qkv,), causal, softmax_scale, window_size, cu_seqlens, max_seqlen)
 
 
 class UlyssesAttention(LongContextAttention):

@@ -19,7 +19,8 @@ def take(x: torch.Tensor, sel, dim: int) -> torch.Tensor:
     return x.index_select(dim, sel)
 
 
-def _whole(sel) -> bool:
+def covers_all(sel) -> bool:
+    """Whether ``sel`` selects every row (the whole-slice)."""
     return isinstance(sel, slice) and sel == slice(None)
 
 
@@ -47,7 +48,7 @@ class PartialSum:
 
     def add(self, sel, part: torch.Tensor) -> None:
         if self.value is None and isinstance(sel, slice):
-            if _whole(sel):  # a whole term: the sum lives in it (a pending term stays pending)
+            if covers_all(sel):  # a whole term: the sum lives in it (a pending term stays pending)
                 self.value = part
                 return
             if self.pending is None:  # a first term over some rows: no zeros unless no whole term comes
@@ -86,14 +87,19 @@ class PartialSum:
             self.pending = None
             take(self.value, sel, self.seq_dim).add_(part)
 
-    def result(self, dtype) -> torch.Tensor:
+    def result(self, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The sum in ``dtype``; with ``out`` (of that dtype), written into ``out`` and returned. Where a
+        whole term already lives in ``out`` (a kernel wrote it there) the rest is added onto it: no copy."""
         self._materialize()
         if self.value is None:
-            return torch.zeros(self.shape, dtype=dtype, device=self.device)
+            return torch.zeros(self.shape, dtype=dtype, device=self.device) if out is None else out.zero_()
         if self.pending is not None and dtype != self.value.dtype:
             self._widen()
+        if out is not None and self.pending is not None and self.pending[1] is out and covers_all(self.pending[0]):
+            self.pending, self.value = None, out.add_(self.value)  # the same two-term sum, rounded once
         self._add_pending()  # in the kernel dtype: the two-term sum, rounded once
-        return self.value.to(dtype)
+        value = self.value.to(dtype)
+        return value if out is None or value is out else out.copy_(value)
 
 
 class OutputAccumulator:
@@ -113,7 +119,7 @@ class OutputAccumulator:
     def add(self, sel, out: torch.Tensor, lse: torch.Tensor) -> None:
         """Merge a block result for rows ``sel``: out like q's rows, lse like q.shape[:-1]."""
         lse = lse.to(self.dtype)
-        if self.out is None and _whole(sel):  # the first block covering every row: nothing to merge with
+        if self.out is None and covers_all(sel):  # the first block covering every row: nothing to merge with
             self.out, self.lse = out, lse
             return
         if self.out is None:

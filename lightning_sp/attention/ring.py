@@ -12,7 +12,7 @@ from ..comm import RingExchange
 from ..kernels import lse_dtype, select_kernel
 from ..layout import block_schedule
 from ..mesh import SPMesh
-from .merge import OutputAccumulator, PartialSum, take
+from .merge import OutputAccumulator, PartialSum, covers_all, take
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def _kernel_forward(spec: RingSpec, call: BlockCall, q, k, v):
     return out, lse.transpose(-1, -2)  # lse in row layout: (b, s, h) or (t, h)
 
 
-def _kernel_backward(spec: RingSpec, call: BlockCall, dout, q, k, v, out, lse_k):
+def _kernel_backward(spec: RingSpec, call: BlockCall, dout, q, k, v, out, lse_k, into=(None, None, None)):
     d = spec.seq_dim
     qb, kb, vb = take(q, call.q_sel, d), take(k, call.k_sel, d), take(v, call.k_sel, d)
     args = (take(dout, call.q_sel, d), qb, kb, vb, take(out, call.q_sel, d),
@@ -149,41 +149,65 @@ def _kernel_backward(spec: RingSpec, call: BlockCall, dout, q, k, v, out, lse_k)
     kernel = select_kernel(spec.backend, qb, kb, call.causal, call.window)
     kw = dict(causal=call.causal, softmax_scale=spec.softmax_scale, window=call.window)
     if call.cu_q is None:
-        return kernel.backward(*args, **kw)
+        return kernel.backward(*args, **kw, into=into)
     return kernel.backward_varlen(*args, call.cu_q, call.cu_k, **kw)
 
 
-def ring_forward(spec: RingSpec, q, k, v):
-    """(out in q's dtype, lse in row layout, the plan, the K/V block of the last step) of exact
-    attention over the whole ring. The backward starts from that last block (see ring_backward)."""
+def kv_views(message: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v of a K/V block as the ring passes it: [k, v], or [packed] where packed holds k and v
+    as its last two entries along dim -3 (a qkvpacked or kvpacked input)."""
+    if len(message) == 2:
+        return message[0], message[1]
+    (packed,) = message
+    return packed.select(-3, -2), packed.select(-3, -1)
+
+
+def ring_forward(spec: RingSpec, q, k, v, kv_packed: torch.Tensor | None = None):
+    """(out in q's dtype, lse in row layout, the plan, the K/V message of the last step) of exact
+    attention over the whole ring. The backward starts from that last block (see ring_backward).
+    ``kv_packed``: a contiguous tensor holding k and v (see kv_views), sent whole around the ring:
+    a strided k and v would be copied before every send."""
     plan = StepPlan(spec, q.shape[spec.seq_dim], q.device)
     ring = RingExchange(spec.mesh) if spec.mesh.ring_size > 1 else None
     acc = OutputAccumulator(q, spec.seq_dim, merges_once=plan.merges_once)
-    kv = [k, v]
+    message = [kv_packed] if kv_packed is not None else [k, v]
     for step, calls in enumerate(plan.steps):
-        pending = ring.start(kv) if step + 1 < len(plan.steps) else None
+        pending = ring.start(message) if step + 1 < len(plan.steps) else None
         for call in calls:
-            acc.add(call.q_sel, *_kernel_forward(spec, call, q, *kv))
+            acc.add(call.q_sel, *_kernel_forward(spec, call, q, *kv_views(message)))
         if pending is not None:
-            kv = pending.wait()
-    return acc.out.to(q.dtype), acc.lse, plan, kv
+            message = pending.wait()
+    return acc.out.to(q.dtype), acc.lse, plan, message
 
 
-def ring_backward(spec: RingSpec, plan: StepPlan, dout, q, k, v, out, lse, last_kv):
-    """dq, dk, dv. The steps run in the forward's reverse order, from ``last_kv`` (the block the
-    forward ended with) to this rank's own block: K/V blocks travel the ring backwards with their
+def ring_backward(spec: RingSpec, plan: StepPlan, dout, q, k, v, out, lse, last_message, into=None):
+    """dq, dk, dv. The steps run in the forward's reverse order, from ``last_message`` (the K/V block
+    the forward ended with) to this rank's own block: K/V blocks travel the ring backwards with their
     dK/dV sums, so every block's sum reaches its owner while the owner computes its own block's
-    share, and nothing is left to send after the last kernel."""
+    share, and nothing is left to send after the last kernel. ``into``: (dq, dk, dv) tensors to
+    write the results to (slices of a packed gradient); the kernels write there directly where
+    they can: dq from the first call covering every query row, dk and dv from the own block's."""
     d = spec.seq_dim
     lse_k = lse.transpose(-1, -2).contiguous()  # kernel layout: (b, h, s) or (h, t)
     ring = RingExchange(spec.mesh, reverse=True) if spec.mesh.ring_size > 1 else None
     dq = PartialSum(q.shape, q.dtype, q.device, d)
+    free = list(into) if into is not None else [None, None, None]  # destinations no kernel writes yet
     steps = plan.steps[::-1]
-    kv, dkv_pending, last = last_kv, None, len(steps) - 1
+    message, dkv_pending, last = last_message, None, len(steps) - 1
     for step, calls in enumerate(steps):
         # the next block comes from the next rank, except the last one: our own K/V
-        kv_pending = ring.start(kv) if step < last - 1 else None
-        grads = [(call, _kernel_backward(spec, call, dout, q, *kv, out, lse_k)) for call in calls]
+        kv_pending = ring.start(message) if step < last - 1 else None
+        kv = kv_views(message) if message is not None else (k, v)
+        grads = []
+        for call in calls:
+            # each destination is written by one call, where its sum ends (see PartialSum.result):
+            # dq's by the first call over every query row, dk's and dv's by the own block's
+            dest = [None, None, None]
+            if covers_all(call.q_sel):
+                dest[0], free[0] = free[0], None
+            if step == last and covers_all(call.k_sel):
+                dest[1:], free[1:] = free[1:], [None, None]
+            grads.append((call, _kernel_backward(spec, call, dout, q, *kv, out, lse_k, tuple(dest))))
         # what the next rank summed for this same K/V block (it arrived while we computed)
         dk_prev, dv_prev = dkv_pending.wait() if dkv_pending is not None else (None, None)
         dk = PartialSum(k.shape, k.dtype, k.device, d, start=dk_prev)
@@ -195,5 +219,6 @@ def ring_backward(spec: RingSpec, plan: StepPlan, dout, q, k, v, out, lse, last_
         if step < last:  # the owner rounds the sum, once (see StepPlan.grad_send_dtype)
             dtype = plan.grad_send_dtype(step, k.dtype)
             dkv_pending = ring.start([dk.result(dtype), dv.result(dtype)])
-        kv = kv_pending.wait() if kv_pending is not None else [k, v]
-    return dq.result(q.dtype), dk.result(k.dtype), dv.result(v.dtype)
+        message = kv_pending.wait() if kv_pending is not None else None
+    final = into if into is not None else (None, None, None)
+    return dq.result(q.dtype, final[0]), dk.result(k.dtype, final[1]), dv.result(v.dtype, final[2])

@@ -101,10 +101,11 @@ class HeadGather:
             part.copy_(y.unflatten(1, (self.U, -1)).transpose(0, 1))
         self._sent.append((g, heads, start_all_to_all(buf, self.group)))
 
-    def result(self) -> list[torch.Tensor]:
+    def result(self, into=None) -> list[torch.Tensor]:
+        """``into``: tensors to write the results to (slices of a packed gradient), U > 1 only."""
         if self.U == 1:
             return self._sent[0]
-        outs = None
+        outs = list(into) if into is not None else None
         for g, heads, pending in self._sent:
             recv = pending.wait()[0]  # slice u holds rank u's heads of group g
             b, s, d = recv.shape[1], recv.shape[2], recv.shape[-1]

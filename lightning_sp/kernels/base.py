@@ -11,7 +11,10 @@ lse is (b, h, sq) in float32, or in the input dtype when that is wider (float64 
 ``window = (left, right)`` bounds i + sk - sq - j to [-right, left] (None: unbounded; any integer,
 so the ring can express shifted masks); a row that sees no key gets lse = -inf and out = 0.
 ``backward`` receives the lse and out of the *whole* attention (every block merged), which is what
-makes per-block gradients add up to the exact gradient.
+makes per-block gradients add up to the exact gradient. Its ``into=(dq, dk, dv)`` names tensors
+(entries may be None) the gradients are written to and returned as: a kernel that writes its outputs
+where it is told (``writes_into``) fills them directly, so a gradient can land in a slice of a packed
+qkv gradient without a copy; any other kernel's result is copied there.
 
 Varlen (packed documents) is the same contract on (total, h, d) tensors with ``cu_seqlens_q`` /
 ``cu_seqlens_k``; a backend without native support runs it document by document.
@@ -39,6 +42,7 @@ class BlockKernel:
     supports_window = False       # arbitrary (left, right) windows
     supports_unequal_causal = False  # causal with sq != sk (bottom-right)
     native_gqa = True
+    writes_into = False  # _backward takes ``into`` and writes the gradients there itself
 
     def available(self) -> bool:
         return True
@@ -65,12 +69,17 @@ class BlockKernel:
             return self._forward(q, k, v, causal, scale, window)
         return self._forward(q, *_expand_kv(q, k, v), causal, scale, window)
 
-    def backward(self, dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window=NO_WINDOW):
+    def backward(self, dout, q, k, v, out, lse, *, causal=False, softmax_scale=None, window=NO_WINDOW,
+                 into=(None, None, None)):
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        if self.native_gqa and self.writes_into:
+            return self._backward(dout, q, k, v, out, lse, causal, scale, window, into=into)
         if self.native_gqa:
-            return self._backward(dout, q, k, v, out, lse, causal, scale, window)
-        dq, dk, dv = self._backward(dout, q, *_expand_kv(q, k, v), out, lse, causal, scale, window)
-        return dq, _reduce_kv_grad(dk, k.shape[-2]), _reduce_kv_grad(dv, k.shape[-2])
+            grads = self._backward(dout, q, k, v, out, lse, causal, scale, window)
+        else:
+            dq, dk, dv = self._backward(dout, q, *_expand_kv(q, k, v), out, lse, causal, scale, window)
+            grads = dq, _reduce_kv_grad(dk, k.shape[-2]), _reduce_kv_grad(dv, k.shape[-2])
+        return tuple(g if dest is None else dest.copy_(g) for g, dest in zip(grads, into))
 
     def _forward(self, q, k, v, causal, scale, window):
         raise NotImplementedError

@@ -25,6 +25,7 @@ class FA4Kernel(BlockKernel):
     name = "fa4"
     supports_window = True
     supports_unequal_causal = True
+    writes_into = True
 
     @functools.cache
     def available(self) -> bool:
@@ -53,10 +54,10 @@ class FA4Kernel(BlockKernel):
                                                 return_lse=True, **_window_args(window))[:2]
         return out, lse
 
-    def _backward(self, dout, q, k, v, out, lse, causal, scale, window):
-        dq, dk, dv = _interface()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=causal,
-                                                  **_window_args(window))[:3]
-        return dq, dk, dv
+    def _backward(self, dout, q, k, v, out, lse, causal, scale, window, into=(None, None, None)):
+        dq, dk, dv = into
+        return tuple(_interface()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=causal,
+                                                  dq=dq, dk=dk, dv=dv, **_window_args(window))[:3])
 
     def forward_varlen(self, q, k, v, cu_q, cu_k, *, causal=False, softmax_scale=None, window=(None, None)):
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale

@@ -8,6 +8,7 @@ against float64 (1.05x for pure Ulysses without KV-head replication); on CPU (gl
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 
@@ -16,7 +17,8 @@ import torch.distributed as dist
 
 import lightning_sp
 from lightning_sp import layout as L
-from lightning_sp.testing import kernel_errors, reference_attention, sharded_rel_errors
+from lightning_sp.attention.hybrid import unpack
+from lightning_sp.testing import kernel_errors, packed_leaves, reference_attention, sharded_rel_errors
 
 
 def setup():
@@ -50,12 +52,13 @@ def judge(name, errs, single, exact_split, dtype) -> bool:
     return ok
 
 
-def check_dense(api: str, layout: str, ulysses_degrees=(1,), heads=8, kv_heads=8, head_dim=128, seq_per_rank=None):
-    """The named API (a lightning_sp function or module name) on every causal/full case."""
+def check_dense(apis, layout: str, ulysses_degrees=(1,), heads=8, kv_heads=8, head_dim=128, seq_per_rank=None):
+    """The named APIs (lightning_sp function or module names) on every causal/full case."""
     device, dtype = setup()
     world = dist.get_world_size()
     ok = True
-    for causal in (False, True):
+    apis = [apis] if isinstance(apis, str) else apis
+    for api, causal in itertools.product(apis, (False, True)):
         S = (seq_per_rank or (4096 if device.type == "cuda" else 64)) * world
         q, k, v, dout = inputs(S, heads, kv_heads, head_dim, device, dtype)
         ref = reference_attention(q, k, v, dout, causal=causal)
@@ -64,20 +67,14 @@ def check_dense(api: str, layout: str, ulysses_degrees=(1,), heads=8, kv_heads=8
             if world % u or heads % u:
                 continue
             mesh = lightning_sp.init_sp_mesh(ulysses_degree=u, ring_degree=world // u)
-            local = [L.shard(t, mesh, layout).requires_grad_() for t in (q, k, v)]
-            if api == "LongContextAttentionQKVPacked":
-                qkv = torch.stack([t.detach() for t in local], dim=2).requires_grad_()
-                out = lightning_sp.LongContextAttentionQKVPacked(mesh, ring_impl=layout)(qkv, causal=causal)
-                out.backward(L.shard(dout, mesh, layout))
-                grads = qkv.grad.unbind(2)
+            leaves = packed_leaves(api, *(L.shard(t, mesh, layout) for t in (q, k, v)))
+            if api in ("LongContextAttention", "UlyssesAttention", "LongContextAttentionQKVPacked"):
+                attn = getattr(lightning_sp, api)(mesh, **({} if api == "UlyssesAttention" else {"ring_impl": layout}))
+                out = attn(*leaves, causal=causal)
             else:
-                if api in ("LongContextAttention", "UlyssesAttention"):
-                    attn = getattr(lightning_sp, api)(mesh, **({} if api == "UlyssesAttention" else {"ring_impl": layout}))
-                    out = attn(*local, causal=causal)
-                else:
-                    out = getattr(lightning_sp, api)(*local, causal=causal)
-                out.backward(L.shard(dout, mesh, layout))
-                grads = [t.grad for t in local]
+                out = getattr(lightning_sp, api)(*leaves, causal=causal)
+            out.backward(L.shard(dout, mesh, layout))
+            grads = unpack([t.grad for t in leaves])
             errs = sharded_rel_errors([out.detach(), *grads], [L.shard(r, mesh, layout) for r in ref])
             # pure Ulysses is the kernel's own arithmetic, unless KV heads were replicated: then, as in
             # the ring, two bf16 partial gradients of one KV head are summed

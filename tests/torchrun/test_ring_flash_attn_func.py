@@ -2,4 +2,4 @@
 from common import check_dense
 
 if __name__ == "__main__":
-    check_dense("ring_flash_attn_func", "contiguous")
+    check_dense([f"ring_flash_attn_{packing}func" for packing in ("", "kvpacked_", "qkvpacked_")], "contiguous")

@@ -2,4 +2,4 @@
 from common import check_dense
 
 if __name__ == "__main__":
-    check_dense("zigzag_ring_flash_attn_func", "zigzag")
+    check_dense([f"zigzag_ring_flash_attn_{packing}func" for packing in ("", "kvpacked_", "qkvpacked_")], "zigzag")
