@@ -87,7 +87,8 @@ class _HybridAttention(torch.autograd.Function):
             packed_grads = [dout.new_empty(shape) for shape in ctx.packed_shapes]
             into = unpack(packed_grads)
         ring_into = None if into is None or U > 1 else [x[0] for x in into] if varlen else into
-        saved, per_group = ctx.saved_tensors, len(ctx.saved_tensors) // ctx.groups
+        saved = ctx.saved_tensors  # once: under non-reentrant checkpointing a second read fails
+        per_group = len(saved) // ctx.groups
         for g in range(ctx.groups):
             dout_g = scatter[g][0]
             q, k, v, out, lse, *message = saved[per_group * g:per_group * (g + 1)]
