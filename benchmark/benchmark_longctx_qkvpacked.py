@@ -133,14 +133,21 @@ def interleaved_baseline(step, args, kernel_name, kv, seq_len, fwd_only, device,
     kernel = select_kernel(kernel_name, stub.expand(args.batch_size, seq_len, args.nheads, args.head_dim),
                            stub.expand(args.batch_size, seq_len, kv, args.head_dim), causal=True)
     baseline = one_gpu.make_step(kernel, args, kv, seq_len, fwd_only, device, dtype)
-    base_times, our_times = [], []
+    rounds = {"baseline": [], "ours": []}
     for _ in range(args.interleave):
-        base_times += common.time_iterations(baseline, 1, args.interleave_iters, device, fastest_rank=True)["times_ms"]
-        our_times += common.time_iterations(step, 1, args.interleave_iters, device)["times_ms"]
-    base_ms, ours_ms = statistics.median(base_times), statistics.median(our_times)
+        rounds["baseline"].append(common.time_iterations(baseline, 1, args.interleave_iters, device, fastest_rank=True,
+                                                         probe_clocks=True))
+        rounds["ours"].append(common.time_iterations(step, 1, args.interleave_iters, device, probe_clocks=True))
+    times = {side: [t for r in timed for t in r["times_ms"]] for side, timed in rounds.items()}
+    base_ms, ours_ms = statistics.median(times["baseline"]), statistics.median(times["ours"])
+    # each round's SM clock and power per rank, sampled mid-round: under the power cap, the clocks
+    # each side ran at (NVML; None where missing)
+    probes = {f"{side}_{name}": [r[name] for r in timed] for side, timed in rounds.items()
+              for name in ("sm_mhz", "power_w")}
     return dict(baseline_kernel=kernel.name, rounds=args.interleave, iters_per_round=args.interleave_iters,
                 baseline_ms=base_ms, ours_ms=ours_ms, perfect_ms=base_ms / world,
-                perfect_pct=100.0 * base_ms / world / ours_ms, baseline_times_ms=base_times, ours_times_ms=our_times)
+                perfect_pct=100.0 * base_ms / world / ours_ms, baseline_times_ms=times["baseline"],
+                ours_times_ms=times["ours"], **probes)
 
 
 def run_config(args, meshes, shape, u, layout, backend, groups, transport, device, dtype, rank, world):

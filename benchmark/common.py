@@ -132,7 +132,19 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_iterations(fn, warmup: int, iters: int, device: torch.device, group=None, fastest_rank: bool = False) -> dict:
+def clock_and_power(device: torch.device) -> tuple[float, float]:
+    """This GPU's SM clock (MHz) and power draw (W) now, from NVML through torch (pynvml); NaN where
+    there is no NVML (cpu, or pynvml missing). Under the 700 W cap both show why timings move."""
+    if device.type == "cuda":
+        try:
+            return float(torch.cuda.clock_rate(device)), torch.cuda.power_draw(device) / 1000.0
+        except Exception:  # no pynvml / NVML: not measured
+            pass
+    return float("nan"), float("nan")
+
+
+def time_iterations(fn, warmup: int, iters: int, device: torch.device, group=None, fastest_rank: bool = False,
+                    probe_clocks: bool = False) -> dict:
     """Run ``fn`` warmup + iters times. Each timed iteration is measured with CUDA events (cpu:
     perf_counter) on every rank; an iteration counts as the slowest rank's time, and the median
     over iterations is reported (``times_ms``: every iteration, in order). ``enqueue_ms`` is the
@@ -140,7 +152,9 @@ def time_iterations(fn, warmup: int, iters: int, device: torch.device, group=Non
     for the CPU. Peak memory is the max over ranks of the allocator's peak during the timed
     iterations (inputs included); ``peak_extra_gib`` subtracts what was allocated before.
     ``fastest_rank``: each iteration counts as the fastest rank's instead (for work every rank does
-    on its own, like a one-GPU baseline run on every GPU at once)."""
+    on its own, like a one-GPU baseline run on every GPU at once). ``probe_clocks``: also each rank's
+    SM clock and power while the middle iteration runs (``sm_mhz``, ``power_w``: one per rank, None
+    where NVML is missing)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -152,12 +166,14 @@ def time_iterations(fn, warmup: int, iters: int, device: torch.device, group=Non
         base = torch.cuda.memory_allocated(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
         enqueue = []
-        for start, end in events:
+        for i, (start, end) in enumerate(events):
             t0 = time.perf_counter()
             start.record()
             fn()
             end.record()
             enqueue.append((time.perf_counter() - t0) * 1e3)
+            if probe_clocks and i == iters // 2:  # the GPU is busy with what was just enqueued
+                clocks = clock_and_power(device)
         torch.cuda.synchronize(device)
         times = [s.elapsed_time(e) for s, e in events]
         peak = torch.cuda.max_memory_allocated(device)
@@ -175,7 +191,15 @@ def time_iterations(fn, warmup: int, iters: int, device: torch.device, group=Non
         dist.all_reduce(stats, op=dist.ReduceOp.MIN if fastest_rank else dist.ReduceOp.MAX, group=group)
     times = stats[:iters].tolist()
     enqueue_ms, peak, extra = stats[iters:].tolist()
-    return dict(time_ms=statistics.median(times), time_ms_min=min(times), time_ms_mean=statistics.fmean(times),
+    probed = {}
+    if probe_clocks:
+        local = torch.tensor(clocks if cuda else clock_and_power(device), dtype=torch.float64, device=device)
+        ranks = [local.clone() for _ in range(dist.get_world_size(group))] if dist.is_initialized() else [local]
+        if dist.is_initialized():
+            dist.all_gather(ranks, local, group=group)
+        probed = {name: [None if v != v else round(v, 1) for v in (r[i].item() for r in ranks)]
+                  for i, name in enumerate(("sm_mhz", "power_w"))}
+    return dict(**probed, time_ms=statistics.median(times), time_ms_min=min(times), time_ms_mean=statistics.fmean(times),
                 times_ms=[round(t, 4) for t in times], enqueue_ms=enqueue_ms,
                 peak_mem_gib=peak / 2**30 if cuda else None, peak_extra_gib=extra / 2**30 if cuda else None)
 
@@ -333,10 +357,18 @@ def describe(record: dict) -> str:
         return f"{tag}: FAILED {record['error'].splitlines()[0][:300]}"
     mem = f", peak {record['peak_mem_gib']:.2f} GiB" if record.get("peak_mem_gib") is not None else ""
     inter = record.get("interleaved") or {}
+    clocks = [_median_probe(inter.get(f"{side}_sm_mhz")) for side in ("baseline", "ours")]
+    clocks = f" at {clocks[0]:.0f} / {clocks[1]:.0f} MHz" if None not in clocks else ""
     inter = (f"; interleaved with the one-GPU {inter['baseline_kernel']}: {inter['ours_ms']:.3f} vs perfect "
-             f"{inter['perfect_ms']:.3f} ms = {inter['perfect_pct']:.1f}%") if "perfect_pct" in inter else ""
+             f"{inter['perfect_ms']:.3f} ms = {inter['perfect_pct']:.1f}%{clocks}") if "perfect_pct" in inter else ""
     return (f"{tag}: {record['time_ms']:.3f} ms ({record['iters_per_s']:.2f} it/s, "
             f"{record['tflops_per_gpu']:.1f} TFLOP/s per GPU{mem}){inter}")
+
+
+def _median_probe(rounds) -> float | None:
+    """The median of per-round, per-rank probe values (None where none was measured)."""
+    values = [v for per_rank in rounds or [] for v in per_rank if v is not None]
+    return statistics.median(values) if values else None
 
 
 def load_records(paths) -> list[dict]:

@@ -142,6 +142,8 @@ def test_ours_records(launches):
         assert inter["baseline_kernel"] == "cpu_flash" and len(inter["ours_times_ms"]) == 4
         assert inter["baseline_ms"] == pytest.approx(statistics.median(inter["baseline_times_ms"]))
         assert inter["perfect_pct"] == pytest.approx(100 * inter["baseline_ms"] / 2 / inter["ours_ms"])
+        # clocks and power per round and rank: not measured on cpu
+        assert inter["ours_sm_mhz"] == inter["baseline_power_w"] == [[None, None]] * 2
     assert {(r["ring"], r["layout"]) for r in timed} == {(2, "zigzag"), (2, "stripe"), (1, "zigzag")}
     assert {r["ring_impl_type"] for r in timed if r["layout"] == "stripe"} == {"strip"}
     bad = [r for r in records if r["error"] is not None]
