@@ -125,13 +125,19 @@ def make_step(mesh, layout, backend, groups, args, kv, seq_len, fwd_only, device
     return step, "q,k,v" if len(inputs) == 3 else "qkvpacked"
 
 
+def whole_sequence_stubs(args, kv, seq_len, device, dtype):
+    """q and k shaped like the one-GPU baseline's (the whole sequence): expanded 0-d tensors, enough
+    for a kernel choice."""
+    stub = torch.zeros((), device=device, dtype=dtype)
+    return (stub.expand(args.batch_size, seq_len, args.nheads, args.head_dim),
+            stub.expand(args.batch_size, seq_len, kv, args.head_dim))
+
+
 def interleaved_baseline(step, args, kernel_name, kv, seq_len, fwd_only, device, dtype, world) -> dict:
     """Alternate the one-GPU kernel on the whole sequence (every rank runs it alone, at the same
     time; an iteration counts as the fastest GPU's) with ``step`` (ours; the slowest rank's), so
     that both see the same clocks. Medians over all rounds; perfect = baseline / world."""
-    stub = torch.zeros((), device=device, dtype=dtype)
-    kernel = select_kernel(kernel_name, stub.expand(args.batch_size, seq_len, args.nheads, args.head_dim),
-                           stub.expand(args.batch_size, seq_len, kv, args.head_dim), causal=True)
+    kernel = select_kernel(kernel_name, *whole_sequence_stubs(args, kv, seq_len, device, dtype), causal=True)
     baseline = one_gpu.make_step(kernel, args, kv, seq_len, fwd_only, device, dtype)
     rounds = {"baseline": [], "ours": []}
     for _ in range(args.interleave):
