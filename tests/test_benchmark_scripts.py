@@ -99,12 +99,25 @@ def launches(tmp_path_factory):
     separate = _torchrun("benchmark_longctx_qkvpacked.py", ["--kv_heads", "4", "--mode", "fwd_bwd", "--separate_qkv",
                                                            "--backend", "cpu_flash", "--profile", str(d / "prof")],
                          separate_out)
-    procs = {"ours": (ours, ours_out), "cp": (cp, cp_out), "separate": (separate, separate_out)}
+    clocks_out = str(d / "clocks.jsonl")
+    clocks = _torchrun("clock_trace.py", ["--backend", "cpu_flash", "--rounds", "2", "--baseline_iters", "2",
+                                          "--ours_iters", "3"], clocks_out)
+    procs = {"ours": (ours, ours_out), "cp": (cp, cp_out), "separate": (separate, separate_out),
+             "clocks": (clocks, clocks_out)}
     yield d, procs
     for proc, _ in procs.values():
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_clock_trace_records_every_iteration(launches):
+    [r], text = _succeeded(*launches[1]["clocks"])
+    assert r["name"] == "clock_trace" and r["kernel"] == "cpu_flash" and r["ring"] == 2
+    sides = [(it["round"], it["side"]) for it in r["iterations"]]
+    assert sides == [(0, "baseline")] * 2 + [(0, "ours")] * 3 + [(1, "baseline")] * 2 + [(1, "ours")] * 3
+    assert all(it["ms"] > 0 and it["sm_mhz"] == it["power_w"] == [None, None] for it in r["iterations"])  # cpu
+    assert "ours: median" in text
 
 
 def test_single_gpu_ceiling_records(launches):
