@@ -86,7 +86,9 @@ class _HybridAttention(torch.autograd.Function):
         if ctx.packed_shapes is not None:
             packed_grads = [dout.new_empty(shape) for shape in ctx.packed_shapes]
             into = unpack(packed_grads)
-        ring_into = None if into is None or U > 1 else [x[0] for x in into] if varlen else into
+        ring_into = into if U == 1 else None  # with Ulysses, the gather writes into them
+        if ring_into is not None and varlen:
+            ring_into = [x[0] for x in ring_into]
         saved = ctx.saved_tensors  # once: under non-reentrant checkpointing a second read fails
         per_group = len(saved) // ctx.groups
         for g in range(ctx.groups):

@@ -156,10 +156,8 @@ def _kernel_backward(spec: RingSpec, call: BlockCall, dout, q, k, v, out, lse_k,
 def kv_views(message: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """k and v of a K/V block as the ring passes it: [k, v], or [packed] where packed holds k and v
     as its last two entries along dim -3 (a qkvpacked or kvpacked input)."""
-    if len(message) == 2:
-        return message[0], message[1]
-    (packed,) = message
-    return packed.select(-3, -2), packed.select(-3, -1)
+    k, v = message if len(message) == 2 else message[0].unbind(-3)[-2:]
+    return k, v
 
 
 def ring_forward(spec: RingSpec, q, k, v, kv_packed: torch.Tensor | None = None):
