@@ -152,7 +152,8 @@ def test_ours_records(launches):
         assert r["profile"]["gpu_events"] == 0 and os.path.exists(r["profile"]["trace"])
         assert os.path.getsize(r["profile"]["table"]) > 0
         inter = r["interleaved"]
-        assert inter["baseline_kernel"] == "cpu_flash" and len(inter["ours_times_ms"]) == 4
+        assert inter["baseline_kernel"] == "cpu_flash" and len(inter["ours_times_ms"]) == 4  # warm-up round not counted
+        assert (inter["rounds"], inter["warmup_rounds"]) == (2, 1)
         assert inter["baseline_ms"] == pytest.approx(statistics.median(inter["baseline_times_ms"]))
         assert inter["perfect_pct"] == pytest.approx(100 * inter["baseline_ms"] / 2 / inter["ours_ms"])
         # clocks and power per round and rank: not measured on cpu
