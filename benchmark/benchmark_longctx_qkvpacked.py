@@ -155,8 +155,8 @@ def interleaved_baseline(step, args, kernel_name, kv, seq_len, fwd_only, device,
         rounds["ours"].append(common.time_iterations(step, 1, args.interleave_iters, device, probe_clocks=True))
     times = {side: [t for r in timed for t in r["times_ms"]] for side, timed in rounds.items()}
     base_ms, ours_ms = statistics.median(times["baseline"]), statistics.median(times["ours"])
-    # each round's SM clock and power per rank, sampled mid-round: under the power cap, the clocks
-    # each side ran at (NVML; None where missing)
+    # each round's SM clock and power per rank, one reading per round (see time_iterations): under
+    # the power cap, about the clocks each side ran at (NVML; None where missing)
     probes = {f"{side}_{name}": [r[name] for r in timed] for side, timed in rounds.items()
               for name in ("sm_mhz", "power_w")}
     return dict(baseline_kernel=kernel.name, rounds=args.interleave, warmup_rounds=args.interleave_warmup_rounds,

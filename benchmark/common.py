@@ -153,8 +153,9 @@ def time_iterations(fn, warmup: int, iters: int, device: torch.device, group=Non
     iterations (inputs included); ``peak_extra_gib`` subtracts what was allocated before.
     ``fastest_rank``: each iteration counts as the fastest rank's instead (for work every rank does
     on its own, like a one-GPU baseline run on every GPU at once). ``probe_clocks``: also each rank's
-    SM clock and power while the middle iteration runs (``sm_mhz``, ``power_w``: one per rank, None
-    where NVML is missing)."""
+    SM clock and power, read once just after the middle iteration is enqueued (the host runs ahead,
+    so often while an earlier iteration runs; ``sm_mhz``, ``power_w``: one per rank, None where NVML
+    is missing)."""
     for _ in range(warmup):
         fn()
     synchronize(device)
@@ -199,8 +200,8 @@ def time_iterations(fn, warmup: int, iters: int, device: torch.device, group=Non
             dist.all_gather(ranks, local, group=group)
         probed = {name: [None if v != v else round(v, 1) for v in (r[i].item() for r in ranks)]
                   for i, name in enumerate(("sm_mhz", "power_w"))}
-    return dict(**probed, time_ms=statistics.median(times), time_ms_min=min(times), time_ms_mean=statistics.fmean(times),
-                times_ms=[round(t, 4) for t in times], enqueue_ms=enqueue_ms,
+    return dict(**probed, time_ms=statistics.median(times), time_ms_min=min(times),
+                time_ms_mean=statistics.fmean(times), times_ms=[round(t, 4) for t in times], enqueue_ms=enqueue_ms,
                 peak_mem_gib=peak / 2**30 if cuda else None, peak_extra_gib=extra / 2**30 if cuda else None)
 
 

@@ -46,8 +46,9 @@ def _make(family: str, packing: str, varlen: bool):
         bound.apply_defaults()
         a = bound.arguments
         reject_unsupported(a["dropout_p"], a["alibi_slopes"])
+        inputs = tuple(a[name] for name in _PACKINGS[packing])  # packed tensors stay packed
         out, lse = packed_long_context_attention(
-            tuple(a[name] for name in _PACKINGS[packing]), ring_mesh(a["group"]), layout, causal=a["causal"], softmax_scale=a["softmax_scale"],
+            inputs, ring_mesh(a["group"]), layout, causal=a["causal"], softmax_scale=a["softmax_scale"],
             window_size=a["window_size"], cu_seqlens=a.get("cu_seqlens"), max_seqlen=a.get("max_seqlen"),
             return_lse=True)
         return (out, lse.transpose(-1, -2), None) if a["return_attn_probs"] else out
