@@ -33,8 +33,6 @@ def ring_mesh(group=None) -> SPMesh:
     return SPMesh(None, 1, len(ranks), 1, 0, dist.get_rank(group), 0, None, group, None, group, ranks)
 
 
-
-
 def _make(family: str, packing: str, varlen: bool):
     layout = _FAMILIES[family]
     names = _PACKINGS[packing] + (("cu_seqlens", "max_seqlen") if varlen else ())
