@@ -171,8 +171,9 @@ def ring_forward(spec: RingSpec, q, k, v, kv_packed: torch.Tensor | None = None)
     message = [kv_packed] if kv_packed is not None else [k, v]
     for step, calls in enumerate(plan.steps):
         pending = ring.start(message) if step + 1 < len(plan.steps) else None
+        kv = kv_views(message)
         for call in calls:
-            acc.add(call.q_sel, *_kernel_forward(spec, call, q, *kv_views(message)))
+            acc.add(call.q_sel, *_kernel_forward(spec, call, q, *kv))
         if pending is not None:
             message = pending.wait()
     return acc.out.to(q.dtype), acc.lse, plan, message
