@@ -57,6 +57,10 @@ def test_shape_errors():
         lightning_sp.LongContextAttention()(q[0], q[0], q[0])
     with pytest.raises(SPConfigError, match="4 query heads are not a multiple of 3 key/value heads"):
         lightning_sp.LongContextAttention()(q, q[:, :, :3], q[:, :, :3])
+    with pytest.raises(SPConfigError, match=r"qkv must stack 3 tensors along dim -3, .* got shape \(1, 8, 4, 4, 4\)"):
+        lightning_sp.LongContextAttentionQKVPacked()(torch.randn(1, 8, 4, 4, 4))
+    with pytest.raises(SPConfigError, match=r"kv must stack 2 tensors along dim -3, .* got shape \(1, 8, 4, 4\)"):
+        lightning_sp.zigzag_ring_flash_attn_kvpacked_func(q, q)
 
 
 def test_return_attn_probs_gives_lse():

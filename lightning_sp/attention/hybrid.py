@@ -43,9 +43,11 @@ def unpack(inputs):
     """q, k, v from (q, k, v), (q, kv) or (qkv,): a packed tensor holds k, v (or q, k, v) along dim -3."""
     if len(inputs) == 3:
         return tuple(inputs)
-    if len(inputs) == 2:
-        return (inputs[0], *inputs[1].unbind(-3))
-    return inputs[0].unbind(-3)
+    packed, name, size = (inputs[1], "kv", 2) if len(inputs) == 2 else (inputs[0], "qkv", 3)
+    if packed.dim() < 3 or packed.shape[-3] != size:
+        raise SPConfigError(f"{name} must stack {size} tensors along dim -3, (batch, seq, {size}, heads, head_dim) "
+                            f"or (tokens, {size}, heads, head_dim) with cu_seqlens; got shape {tuple(packed.shape)}")
+    return (*inputs[:-1], *packed.unbind(-3))
 
 
 class _HybridAttention(torch.autograd.Function):
