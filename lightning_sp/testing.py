@@ -86,11 +86,12 @@ def kernel_errors(backend: str, q, k, v, dout, ref, *, causal=False):
 
 def packed_leaves(api: str, q, k, v) -> list[torch.Tensor]:
     """Fresh leaves (requiring grad) in the form an API takes: q, k, v; q, kv for ``*_kvpacked_*``
-    functions (kv stacked along dim -3); qkv for ``*_qkvpacked_*`` functions and the ``qkvpacked``
-    module. ``lightning_sp.attention.hybrid.unpack`` turns their gradients back into dq, dk, dv."""
+    functions and ``kvpacked`` (kv stacked along dim -3); qkv for ``*_qkvpacked_*`` functions and the
+    ``qkvpacked`` module. ``lightning_sp.attention.hybrid.unpack`` turns their gradients back into
+    dq, dk, dv."""
     if api in ("qkvpacked", "LongContextAttentionQKVPacked") or "_qkvpacked_" in api:
         leaves = [torch.stack([q, k, v], dim=-3)]
-    elif "_kvpacked_" in api:
+    elif api == "kvpacked" or "_kvpacked_" in api:
         leaves = [q, torch.stack([k, v], dim=-3)]
     else:
         leaves = [q, k, v]

@@ -74,6 +74,9 @@ def dense_case(ulysses, ring, layout, causal, heads, kv_heads, dtype=torch.float
     elif api == "qkvpacked":
         out = lightning_sp.LongContextAttentionQKVPacked(mesh, ring_impl=layout, backend=backend)(
             *leaves, causal=causal, softmax_scale=scale, window_size=window)
+    elif api == "kvpacked":  # (q, kv) on any mesh, through the functional form
+        out = lightning_sp.packed_long_context_attention(leaves, mesh, layout, causal=causal, softmax_scale=scale,
+                                                         window_size=window, backend=backend)
     else:  # a seed-compatible function name, pure ring over the world
         out = getattr(lightning_sp, api)(*leaves, softmax_scale=scale, causal=causal, window_size=window)
     out.backward(L.shard(dout, mesh, layout).to(dtype))

@@ -115,7 +115,16 @@ def test_seed_varlen_functions(worlds, func, causal):
 def test_seed_packed_functions(worlds, func):
     """kv/qkv packed: the ring sends the packed tensor whole, the gradient is written in it."""
     layout = {"ring": "contiguous", "zigzag": "zigzag", "stripe": "stripe"}[func.split("_")[0]]
-    errs = _run(worlds, 2, C.dense_case, 1, 2, layout, True, 4, 4, api=func)
+    kv_heads = 2 if "_kvpacked_" in func else 4  # a packed kv may be GQA
+    errs = _run(worlds, 2, C.dense_case, 1, 2, layout, True, 4, kv_heads, api=func)
+    assert max(max(e.values()) for e in errs) < 1e-10
+
+
+@pytest.mark.parametrize("world,u,r,kv", [(4, 2, 2, 1), (2, 2, 1, 2)])
+def test_kv_packed_under_ulysses(worlds, world, u, r, kv):
+    """(q, kv) through the Ulysses all-to-all, its gradient gathered into the packed kv; one KV head
+    under Ulysses 2 is first replicated (the packing then ends before the attention)."""
+    errs = _run(worlds, world, C.dense_case, u, r, "zigzag", True, 4, kv, api="kvpacked")
     assert max(max(e.values()) for e in errs) < 1e-10
 
 
