@@ -462,6 +462,27 @@ def test_compile_blocks_compiles_once_for_every_layer(compile_backend, mode):
     assert counters["stats"]["unique_graphs"] == 5
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_except_attention_recomputes_only_what_the_gradients_need(compile_backend, compiled):
+    """Counted matmuls of one backward pass (one layer, the loss's gradients made in its forward):
+    14 for the layer's seven projections, plus the recomputation. A checkpoint around the eager parts
+    re-runs all seven; compiled, the checkpoint is in the graph and its backward recomputes only
+    o_proj, gate and up (RMSNorm's output feeds the q/k/v weight gradients; down_proj's output
+    feeds nothing)."""
+    from torch.profiler import ProfilerActivity, profile
+    compile_backend("aot_eager")
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+                         num_kv_heads=2)
+    model = LlamaForCausalLM(config, activation_checkpointing="except_attention", compile_blocks=compiled)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    for _ in range(2):  # the second step runs the cached compilation
+        total, _ = model.loss_sum(model(ids), shifted(ids))
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            total.backward()
+    matmuls = sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
+    assert matmuls == 14 + (3 if compiled else 7)
+
+
 def test_compile_blocks_says_why_when_it_recompiles_too_often(compile_backend):
     compile_backend("aot_eager")
     model = tiny(compile_blocks=True)

@@ -215,8 +215,13 @@ class DecoderLayer(nn.Module):
                               use_reentrant=False)
         if checkpointing not in ("none", "except_attention"):
             raise SPConfigError(f"unknown checkpointing mode {checkpointing!r}; use one of {', '.join(CHECKPOINTING)}")
-        part = _recomputed if checkpointing == "except_attention" else _kept
-        before, after = _compiled_parts()[:2] if compiled else (_before_attention, _after_attention)
+        recompute = checkpointing == "except_attention"
+        if compiled:  # the recomputation is part of the compiled graphs, which recompute only what is needed
+            before, after = _compiled_parts()[3:5] if recompute else _compiled_parts()[:2]
+            part = _kept
+        else:
+            before, after = _before_attention, _after_attention
+            part = _recomputed if recompute else _kept
         q, k, v = part(before, self, x, position_ids, cu_seqlens is not None)
         out = self.attn.core(q, k, v, causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         return part(after, self, x, out)
@@ -237,14 +242,28 @@ def _after_attention(layer: DecoderLayer, x, attn_out):
     return x + layer.mlp(layer.mlp_norm(x))
 
 
+def _before_attention_recomputed(layer: DecoderLayer, x, position_ids, packed: bool):
+    return _recomputed(_before_attention, layer, x, position_ids, packed)
+
+
+def _after_attention_recomputed(layer: DecoderLayer, x, attn_out):
+    return _recomputed(_after_attention, layer, x, attn_out)
+
+
 @functools.cache
 def _compiled_parts(backend: str = "inductor"):
-    """(before, after, cross entropy): ``_before_attention``, ``_after_attention`` and the loss's
-    ``_cross_entropy_and_grad`` under ``torch.compile``, built on first use and shared by every layer
-    of every model. ``fullgraph``: each part is one graph (its element-wise work fused around the
-    matmuls), never silently split; ``dynamic=None``: the first compilation is for the shapes seen, a
-    second for a new number of tokens takes any."""
-    return tuple(_compile(fn, backend) for fn in (_before_attention, _after_attention, _cross_entropy_and_grad))
+    """(before, after, cross entropy, before recomputed, after recomputed): ``_before_attention``,
+    ``_after_attention``, the loss's ``_cross_entropy_and_grad`` and the two parts under activation
+    checkpointing, under ``torch.compile``, built on first use and shared by every layer of every
+    model. ``fullgraph``: each part is one graph (its element-wise work fused around the matmuls),
+    never silently split; ``dynamic=None``: the first compilation is for the shapes seen, a second
+    for a new number of tokens takes any.
+
+    The checkpoint is inside the recomputed parts' graphs, not around them: the backward graph then
+    recomputes only what the gradients need (RMSNorm, not the q/k/v projections; o_proj, gate and
+    up, not down_proj), where a checkpoint around a compiled part re-runs its whole forward graph."""
+    return tuple(_compile(fn, backend) for fn in (_before_attention, _after_attention, _cross_entropy_and_grad,
+                                                  _before_attention_recomputed, _after_attention_recomputed))
 
 
 def _compile(fn, backend: str):
