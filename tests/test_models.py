@@ -151,6 +151,26 @@ def test_linear_cross_entropy_under_autocast_matches_the_autograd_path():
     assert rel(gh, dh) < 1e-2 and rel(gw, dw) < 1e-2
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)"))])
+def test_weight_gradient_accumulates_bf16_products_in_float32(device):
+    """The LM head's gradient sums the chunks' bf16 products into float32: on CUDA in one addmm that
+    writes into the sum (its product never rounded to bf16), elsewhere a product and an add. Three
+    accumulations against float64, to float32 accuracy on CUDA, to bf16 rounding of each product
+    elsewhere."""
+    from lightning_sp.models.llama import _add_product
+
+    g = torch.Generator().manual_seed(5)
+    acc = torch.randn(96, 64, generator=g).to(device)
+    want = acc.double()
+    for _ in range(3):
+        a, b = (torch.randn(*shape, generator=g).to(device, torch.bfloat16) for shape in ((96, 200), (200, 64)))
+        _add_product(acc, a, b)
+        want += a.double() @ b.double()
+    assert acc.dtype == torch.float32
+    assert rel(acc, want) < (1e-6 if device == "cuda" else 1e-2)
+
+
 def test_packed_documents_do_not_attend_to_each_other():
     model = tiny()
     g = torch.Generator().manual_seed(3)
