@@ -136,11 +136,9 @@ class CausalLM(L.LightningModule):
         hp = self.hparams
         decay = [p for p in self.parameters() if p.dim() >= 2]
         other = [p for p in self.parameters() if p.dim() < 2]
-        # fused: one kernel a step over all CUDA parameters (the default foreach path makes ~10 passes)
-        fused = True if all(p.is_cuda for p in decay + other) else None
+        # not fused=True: Lightning's mixed-precision plugin refuses gradient clipping with it
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
-                                 {"params": other, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas),
-                                fused=fused)
+                                 {"params": other, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else None
 
         def schedule(step):
