@@ -103,16 +103,16 @@ def init_sp_mesh(ulysses_degree: int = 1, ring_degree: int = 1, device_type: str
     device_type = device_type or _default_device_type()
     key = (id(dist.group.WORLD), world, ulysses_degree, ring_degree, device_type)
     cached = _built.get(key)
-    if cached is not None and cached.ring_group is not None and _alive(cached):
+    if cached is not None and cached.ring_group is not None and _alive(cached.ring_group):
         return cached
     _built[key] = mesh = _build(dp, ulysses_degree, ring_degree, device_type)
     return mesh
 
 
-def _alive(mesh: SPMesh) -> bool:
-    """False once the default group the mesh was built on has been destroyed (ids can be reused)."""
+def _alive(group) -> bool:
+    """False once the default group this group was built on has been destroyed (ids can be reused)."""
     try:
-        return dist.get_process_group_ranks(mesh.ring_group) is not None
+        return dist.get_process_group_ranks(group) is not None
     except (RuntimeError, ValueError, KeyError):
         return False
 
@@ -127,6 +127,23 @@ def _overlap_group_options(device_type: str) -> dict | None:
         return None
     options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
     return {"ring": ("nccl", options), "ulysses": ("nccl", options)}
+
+
+_priority_world: dict = {}
+
+
+def priority_world_group():
+    """All ranks in one NCCL group on a high-priority stream (created on first use, on every rank):
+    for gradient all-reduces that start while attention kernels occupy every SM (see
+    ``_overlap_group_options``). None where the default group is not NCCL."""
+    if not dist.is_initialized() or "nccl" not in str(dist.get_backend()):
+        return None
+    key = id(dist.group.WORLD)
+    group = _priority_world.get(key)
+    if group is None or not _alive(group):
+        options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
+        group = _priority_world[key] = dist.new_group(backend="nccl", pg_options=options)
+    return group
 
 
 def _build(dp: int, ulysses_degree: int, ring_degree: int, device_type: str) -> SPMesh:

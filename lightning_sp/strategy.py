@@ -77,7 +77,9 @@ class UlyssesRingStrategy(DDPStrategy):
             ``auto`` (today torch.distributed, see the module's doc), ``nccl``, or ``copy_engine``
             (the GPUs' copy engines within a node); None keeps ``lightning_sp.comm``'s setting (``auto``, or the
             ``LIGHTNING_SP_TRANSPORT`` environment variable).
-        **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy`.
+        **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy`. Without a
+            ``process_group`` there, gradients are reduced over a high-priority NCCL copy of the world
+            group (``lightning_sp.mesh.priority_world_group``) when the backend is NCCL.
     """
 
     strategy_name = "ulysses_ring"
@@ -169,6 +171,19 @@ class UlyssesRingStrategy(DDPStrategy):
         self._checked_stages.clear()
         self._bind_attention()
         super().setup(trainer)
+
+    def _setup_model(self, model):
+        # With NCCL, DDP reduces gradients over a high-priority copy of the world group, as the ring
+        # and Ulysses transfers do (mesh.priority_world_group). Its all-reduces start while attention
+        # kernels hold every SM: from a normal-priority stream one rank's all-reduce got SMs only
+        # after its attention kernel ended while the other's spun beside its own, slowing it (2 H200s,
+        # Llama-1B shape at 128K: 5.047 -> 4.896 s a step, benchmark/RESULTS.md run 9).
+        from . import mesh as mesh_module
+        if "process_group" not in self._ddp_kwargs:
+            group = mesh_module.priority_world_group()
+            if group is not None:
+                self._ddp_kwargs = {**self._ddp_kwargs, "process_group": group}
+        return super()._setup_model(model)
 
     def _bind_attention(self) -> None:
         mesh = self.sp_mesh

@@ -2,6 +2,8 @@
 single-process reference they are compared with (plain PyTorch, plain attention, no lightning_sp)."""
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
 
 import lightning as pl
 import torch
@@ -202,21 +204,42 @@ class SaveAtEnd(pl.Callback):
             trainer.save_checkpoint(self.path)
 
 
+_LAST_DDP_GROUP = [None]  # the process group the last fit's DistributedDataParallel reduced over
+
+
+class DDPGroupSeen(pl.Callback):
+    """Keeps the group of the DistributedDataParallel module while it trains (teardown unwraps it)."""
+
+    def on_train_start(self, trainer, *args):
+        _LAST_DDP_GROUP[:] = [getattr(trainer.strategy.model, "process_group", None)]
+
+
 def fit_job(ulysses, ring, layout, *, data="dense", n=8, batch=2, seq=13, max_steps=-1, max_epochs=1,
             fsdp=False, precision="32-true", save=None, resume=None, strategy="object", accumulate=1,
-            **strategy_kw):
-    """Fit TinyLM; returns what this rank saw and the final parameters."""
+            gradient_group=False, **strategy_kw):
+    """Fit TinyLM; returns what this rank saw and the final parameters. ``gradient_group``: the
+    high-priority world group the strategy asks for (NCCL only, ``mesh.priority_world_group``) is
+    stood in for by a separate gloo group over all ranks; the result says whether DDP reduced over it."""
+    stand_in = dist.new_group(backend="gloo") if gradient_group else None
     model = TinyLM()
     strat = make_strategy(ulysses, ring, layout, fsdp, **strategy_kw) if strategy == "object" else strategy
     callbacks = [SaveAtEnd(save)] if save else []
+    callbacks.append(DDPGroupSeen())
     trainer = _trainer(strat, max_steps=max_steps, precision=precision, max_epochs=max_epochs, callbacks=callbacks,
                        accumulate_grad_batches=accumulate)
-    trainer.fit(model, DataLoader(make_data(data, n, seq), batch_size=batch), ckpt_path=resume)
+    with mock.patch.object(lightning_sp.mesh, "priority_world_group", lambda: stand_in) if gradient_group \
+            else contextlib.nullcontext():
+        trainer.fit(model, DataLoader(make_data(data, n, seq), batch_size=batch), ckpt_path=resume)
     mesh = trainer.strategy.sp_mesh
     return {"record": model.record, "params": _state(model), "sp_rank": mesh.sp_rank, "dp_rank": mesh.dp_rank,
             "degrees": (mesh.dp_size, mesh.ring_size, mesh.ulysses_size), "layout": trainer.strategy.ring_impl,
             "device_mesh_seen": model.device_mesh is mesh.device_mesh, "bound": model.attn.mesh is mesh,
-            "head_groups": model.attn.head_groups}
+            "head_groups": model.attn.head_groups, "reduced_over_stand_in": gradient_group and _LAST_DDP_GROUP[0] is stand_in}
+
+
+def priority_group_on_gloo():
+    from lightning_sp.mesh import priority_world_group
+    return priority_world_group()
 
 
 def predict_job(ulysses, ring, layout, *, data="dense", n=4, seq=13):
@@ -254,3 +277,4 @@ def error_job(case: str):
     except Exception as err:  # noqa: BLE001 -- the test compares what every rank raised
         return f"{type(err).__name__}: {err}"
     return None
+

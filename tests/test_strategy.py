@@ -193,6 +193,16 @@ def test_head_groups_bound_by_the_strategy(world4):
     check_run(results, 2, 2, "zigzag", n=8, batch=2, steps=2)
 
 
+def test_gradients_reduced_over_the_priority_world_group(world4):
+    """With NCCL the strategy hands DDP a high-priority world group (``mesh.priority_world_group``);
+    a separate gloo group stands in for it here: DDP reduces over it and training is unchanged. With
+    gloo itself there is no such group (None) and DDP keeps the default group."""
+    results = world4.run(C.fit_job, 2, 1, "zigzag", n=12, batch=2, max_steps=2, gradient_group=True, timeout=TIMEOUT)
+    assert [res["reduced_over_stand_in"] for res in results] == [True] * 4
+    check_run(results, 2, 1, "zigzag", n=12, batch=2, steps=2)
+    assert world4.run(C.priority_group_on_gloo, timeout=TIMEOUT) == [None] * 4
+
+
 @pytest.mark.parametrize("ulysses,ring,layout", DP_SPLITS)
 def test_matches_single_process_with_data_parallel(world4, ulysses, ring, layout):
     results = world4.run(C.fit_job, ulysses, ring, layout, n=12, batch=2, max_steps=3, timeout=TIMEOUT)
