@@ -17,7 +17,8 @@ once forward and once backward as without checkpointing.
 
 ``compile_blocks=True`` compiles each layer's parts around the core attention with ``torch.compile``
 (one compilation for all layers) to fuse their element-wise work, and the loss's cross entropy; the
-core attention stays eager.
+core attention stays eager. Under ``"except_attention"`` the compiled backward then recomputes only
+what the gradients read (RMSNorm, o_proj, gate and up; not the q/k/v projections or down_proj).
 """
 from __future__ import annotations
 
