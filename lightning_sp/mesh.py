@@ -123,10 +123,16 @@ def _overlap_group_options(device_type: str) -> dict | None:
     GPU hands freed SMs to the kernel's remaining blocks first, so the transfer waits for the very
     kernel it should hide behind (measured on 2 H200s: 2.8 of the 3.1 ms of P2P of a 32K ring
     forward was exposed). With priority NCCL's few blocks start as soon as any SM frees."""
-    if device_type != "cuda" or not dist.is_nccl_available() or "nccl" not in str(dist.get_backend()):
+    options = _high_priority_nccl_options() if device_type == "cuda" else None
+    return None if options is None else {"ring": ("nccl", options), "ulysses": ("nccl", options)}
+
+
+def _high_priority_nccl_options():
+    """NCCL process-group options with a high-priority stream, or None where the default group is
+    not NCCL."""
+    if not dist.is_initialized() or not dist.is_nccl_available() or "nccl" not in str(dist.get_backend()):
         return None
-    options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
-    return {"ring": ("nccl", options), "ulysses": ("nccl", options)}
+    return dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
 
 
 _priority_world: dict = {}
@@ -136,12 +142,12 @@ def priority_world_group():
     """All ranks in one NCCL group on a high-priority stream (created on first use, on every rank):
     for gradient all-reduces that start while attention kernels occupy every SM (see
     ``_overlap_group_options``). None where the default group is not NCCL."""
-    if not dist.is_initialized() or "nccl" not in str(dist.get_backend()):
+    options = _high_priority_nccl_options()
+    if options is None:
         return None
     key = id(dist.group.WORLD)
     group = _priority_world.get(key)
     if group is None or not _alive(group):
-        options = dist.ProcessGroupNCCL.Options(is_high_priority_stream=True)
         group = _priority_world[key] = dist.new_group(backend="nccl", pg_options=options)
     return group
 

@@ -28,6 +28,7 @@ from torch.utils.data import DistributedSampler
 
 from . import comm
 from . import layout as L
+from . import mesh as mesh_module
 from .attention import LongContextAttention
 from .attention.ulysses import check_heads
 from .mesh import SPConfigError, SPMesh, check_degrees, init_sp_mesh
@@ -178,7 +179,6 @@ class UlyssesRingStrategy(DDPStrategy):
         # kernels hold every SM: from a normal-priority stream one rank's all-reduce got SMs only
         # after its attention kernel ended while the other's spun beside its own, slowing it (2 H200s,
         # Llama-1B shape at 128K: 5.047 -> 4.896 s a step, benchmark/RESULTS.md run 9).
-        from . import mesh as mesh_module
         if "process_group" not in self._ddp_kwargs:
             group = mesh_module.priority_world_group()
             if group is not None:

@@ -234,7 +234,8 @@ def fit_job(ulysses, ring, layout, *, data="dense", n=8, batch=2, seq=13, max_st
     return {"record": model.record, "params": _state(model), "sp_rank": mesh.sp_rank, "dp_rank": mesh.dp_rank,
             "degrees": (mesh.dp_size, mesh.ring_size, mesh.ulysses_size), "layout": trainer.strategy.ring_impl,
             "device_mesh_seen": model.device_mesh is mesh.device_mesh, "bound": model.attn.mesh is mesh,
-            "head_groups": model.attn.head_groups, "reduced_over_stand_in": gradient_group and _LAST_DDP_GROUP[0] is stand_in}
+            "head_groups": model.attn.head_groups,
+            "reduced_over_stand_in": gradient_group and _LAST_DDP_GROUP[0] is stand_in}
 
 
 def priority_group_on_gloo():
@@ -277,4 +278,3 @@ def error_job(case: str):
     except Exception as err:  # noqa: BLE001 -- the test compares what every rank raised
         return f"{type(err).__name__}: {err}"
     return None
-
