@@ -161,6 +161,30 @@ def test_head_groups_packed_documents(worlds):
     assert max(max(e.values()) for e in errs) < 1e-10
 
 
+@pytest.mark.parametrize("dtype,head_dim,offset,wide", [
+    (torch.bfloat16, 64, 0, True),    # the layout copies of Ulysses: 8-byte views
+    (torch.float32, 2, 0, True),
+    (torch.float16, 6, 0, False),     # 12-byte rows
+    (torch.bfloat16, 64, 1, False),   # starts 2 bytes into an 8-byte word
+    (torch.float64, 8, 0, False),     # already 8 bytes
+])
+def test_layout_copies_move_the_same_bits(dtype, head_dim, offset, wide):
+    """copy_rows copies a head-group slice into an all-to-all buffer (and back) on int64 views where
+    both sides allow it, else as it is; either way dst ends equal to src, bit for bit."""
+    from lightning_sp.attention.ulysses import copy_rows, wide_views
+    x = torch.randn(2, 16, 8, head_dim, dtype=torch.float64).to(dtype)
+    src = x.unflatten(2, (2, 2, -1))[:, :, :, 1].permute(2, 0, 1, 3, 4)  # group 1 of 2, (U, b, s, h, d)
+    buf = torch.zeros(2 * 2 * 16 * 6 * head_dim + offset, dtype=dtype)[offset:].view(2, 2, 16, 6, head_dim)
+    dst = buf.split([2, 4], dim=3)[0]
+    assert all((t.dtype == torch.int64) == wide for t in wide_views(dst, src))
+    copy_rows(dst, src)
+    assert torch.equal(dst, src)
+    assert buf[:, :, :, 2:].abs().sum() == 0  # the other tensor's heads untouched
+    back = torch.zeros_like(x)
+    copy_rows(back.unflatten(2, (2, 2, -1))[:, :, :, 1], dst.permute(1, 2, 0, 3, 4))
+    assert torch.equal(back.unflatten(2, (2, 2, -1))[:, :, :, 1], x.unflatten(2, (2, 2, -1))[:, :, :, 1])
+
+
 def test_head_groups_choice():
     from lightning_sp.attention.ulysses import choose_head_groups
     assert choose_head_groups(8, 8, 2, "auto") == 2 and choose_head_groups(8, 8, 2, 4) == 4
