@@ -6,6 +6,7 @@ the test (the next job starts a fresh world), it is never retried.
 """
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import socket
@@ -72,8 +73,9 @@ class World:
         results, errors = [None] * self.size, []
         pending = set(range(self.size))
         deadline = time.monotonic() + timeout
+        error_deadline = math.inf  # 10 s after the first error: the other ranks may be stuck in a collective
         while pending:
-            if time.monotonic() > deadline or (errors and time.monotonic() > error_deadline):
+            if time.monotonic() > min(deadline, error_deadline):
                 self.stop()
                 if errors:  # the other ranks are stuck in a collective the failed rank never joined
                     break
@@ -105,8 +107,10 @@ class World:
                     conn.send(None)
             except (BrokenPipeError, OSError):
                 pass
+        deadline = time.monotonic() + 5  # shared: ranks stuck in a collective would each wait out their own
         for proc in self.procs:
-            proc.join(timeout=5)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in self.procs:
             if proc.is_alive():
                 proc.kill()
                 proc.join()

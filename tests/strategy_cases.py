@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import lightning_sp
 from attention_cases import reference_attention
-from lightning_sp import layout as L
 from lightning_sp.loss import cross_entropy
 
 VOCAB, DIM, IGNORE, MAX_POS = 11, 8, -100, 96
