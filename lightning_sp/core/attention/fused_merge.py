@@ -2,8 +2,8 @@
 float32, write the merged rows (rounded once, in the output's dtype) and log-sum-exp in place.
 
 PyTorch's element-wise ops need about ten passes over the rows for the same arithmetic (weights,
-float32 copies, the product sums); at 32K tokens that was 0.4-0.9 ms per ring forward on an H200,
-around 7 ms of attention kernels. Imported by ``merge.py`` only for CUDA tensors, when Triton is
+float32 copies, the product sums), a visible share of a ring forward's time next to its attention
+kernels. Imported by ``merge.py`` only for CUDA tensors, when Triton is
 installed. ``TRITON_INTERPRET=1`` (set before this module is imported) runs it on CPU tensors too,
 which is how the tests check it without a GPU.
 """

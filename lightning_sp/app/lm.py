@@ -18,13 +18,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import layout
-from .attention import LongContextAttention
-from .loss import TokenLoss, exact_token_loss
-from .mesh import SPConfigError, SPMesh, single_process_mesh
+from ..core import layout
+from ..core.attention import LongContextAttention
+from ..core.errors import SPConfigError
+from ..core.loss import TokenLoss, exact_token_loss
+from ..core.mesh import SPMesh, single_process_mesh
+from ..integration.strategy import UlyssesRingStrategy
 from .models import swap_attention
 from .models.hf import causal_lm_logits, causal_lm_loss_sum, is_hf_model
-from .strategy import UlyssesRingStrategy
 
 # dense bf16 peak of one device, for MFU when peak_tflops is not given
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..attention import LongContextAttention
-from ..mesh import SPConfigError, SPMesh
+from ...core.attention import LongContextAttention
+from ...core.errors import SPConfigError
+from ...core.mesh import SPMesh
 from .hf import is_hf_model, swap_hf_attention
 from .llama import Attention
 

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from .mesh import SPConfigError
+from ..core.errors import SPConfigError
 
 IGNORE_INDEX = -100
 

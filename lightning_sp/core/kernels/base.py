@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import KernelError
+
 NO_WINDOW = (None, None)
-
-
-class KernelError(ValueError):
-    """A backend that is unknown, not installed, or cannot do what a call asks."""
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:

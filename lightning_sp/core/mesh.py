@@ -11,11 +11,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from .errors import SPConfigError
+
 MESH_DIMS = ("dp", "ring", "ulysses")
-
-
-class SPConfigError(ValueError):
-    """A sequence-parallel configuration that cannot work; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -121,8 +119,8 @@ def _overlap_group_options(device_type: str) -> dict | None:
     """NCCL options for the ring and Ulysses groups: a high-priority stream. Their transfers are
     meant to run beside attention kernels that occupy every SM; from a normal-priority stream the
     GPU hands freed SMs to the kernel's remaining blocks first, so the transfer waits for the very
-    kernel it should hide behind (measured on 2 H200s: 2.8 of the 3.1 ms of P2P of a 32K ring
-    forward was exposed). With priority NCCL's few blocks start as soon as any SM frees."""
+    kernel it should hide behind (most of a ring forward's P2P time was exposed that way,
+    benchmark/RESULTS.md). With priority NCCL's few blocks start as soon as any SM frees."""
     options = _high_priority_nccl_options() if device_type == "cuda" else None
     return None if options is None else {"ring": ("nccl", options), "ulysses": ("nccl", options)}
 

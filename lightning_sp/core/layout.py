@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .mesh import SPConfigError, SPMesh, single_process_mesh
+from .errors import SPConfigError
+from .mesh import SPMesh, single_process_mesh
 
 LAYOUT_ALIASES = {"basic": "contiguous", "contiguous": "contiguous", "zigzag": "zigzag",
                   "stripe": "stripe", "strip": "stripe"}

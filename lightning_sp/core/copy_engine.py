@@ -14,9 +14,9 @@ outbox into an ordinary tensor and writes ``consumed = n + 1`` into the sender's
 sender waits for before it stages message n + SLOTS in that slot. All of it runs on one side stream
 per group; the caller's stream waits for an event only when it needs the data.
 
-Measured on 2 H200s (benchmark/RESULTS.md, run 5): the transfers overlap the kernels completely, but
-the copies' memory traffic slows FA4 by about what they hide, and the staging copy makes an
-un-overlapped all-to-all slower than NCCL's; so the transport is opt-in (``set_transport``).
+The transfers overlap the kernels completely, but the copies' memory traffic slows the attention
+kernels by about what they hide, and the staging copy makes an un-overlapped all-to-all slower than
+NCCL's (benchmark/RESULTS.md), so the transport is opt-in.
 A rank that dies mid-exchange leaves its peers' streams waiting on a flag (as NCCL without its
 watchdog would): the launcher must end the job.
 """

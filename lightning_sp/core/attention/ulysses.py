@@ -13,7 +13,8 @@ import math
 import torch
 
 from ..comm import start_all_to_all
-from ..mesh import SPConfigError, SPMesh
+from ..errors import SPConfigError
+from ..mesh import SPMesh
 
 
 def check_heads(q_heads: int, kv_heads: int, ulysses_size: int) -> None:
@@ -36,9 +37,8 @@ def choose_head_groups(q_heads: int, kv_heads: int, ulysses_size: int, requested
     their KV heads on every rank, so G divides both per-rank head counts. Without Ulysses there is
     no all-to-all to overlap: any valid G gives 1. ``auto`` is 2 where the heads split in two, else
     1: since the Ulysses group runs on a high-priority NCCL stream (``mesh``), the second group's
-    all-to-all overlaps the first group's attention; on 2 H200s (FA4, 32 heads of 128) 2 groups
-    were 3% faster than 1 at 32K fwd+bwd and 6% in the forward, the same at 128K (403-404 ms for
-    1, 2 and 4 groups); 4 groups were no better than 2 (benchmark/RESULTS.md, run 6)."""
+    all-to-all overlaps the first group's attention, and more groups add launches without more
+    overlap (the measurements are in benchmark/RESULTS.md)."""
     U = ulysses_size
     per_rank = math.gcd(q_heads // U, replicated_kv_heads(kv_heads, U) // U)
     if requested == "auto":

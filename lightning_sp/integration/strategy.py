@@ -26,12 +26,13 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, Str
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DistributedSampler
 
-from . import comm
-from . import layout as L
-from . import mesh as mesh_module
-from .attention import LongContextAttention
-from .attention.ulysses import check_heads
-from .mesh import SPConfigError, SPMesh, check_degrees, init_sp_mesh
+from ..core import comm
+from ..core import layout as L
+from ..core import mesh as mesh_module
+from ..core.attention import LongContextAttention
+from ..core.attention.ulysses import check_heads
+from ..core.errors import SPConfigError
+from ..core.mesh import SPMesh, check_degrees, init_sp_mesh
 
 DEFAULT_SHARD_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
 HEAD_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads", "n_head")
@@ -177,8 +178,7 @@ class UlyssesRingStrategy(DDPStrategy):
         # With NCCL, DDP reduces gradients over a high-priority copy of the world group, as the ring
         # and Ulysses transfers do (mesh.priority_world_group). Its all-reduces start while attention
         # kernels hold every SM: from a normal-priority stream one rank's all-reduce got SMs only
-        # after its attention kernel ended while the other's spun beside its own, slowing it (2 H200s,
-        # Llama-1B shape at 128K: 5.047 -> 4.896 s a step, benchmark/RESULTS.md run 9).
+        # after its attention kernel ended while the other's spun beside its own, slowing it.
         if "process_group" not in self._ddp_kwargs:
             group = mesh_module.priority_world_group()
             if group is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..mesh import SPConfigError
+from ...core.errors import SPConfigError
 
 HF_ATTENTION_NAME = "lightning_sp"
 

@@ -3,9 +3,8 @@ the Ulysses all-to-all. Nothing else lives here.
 
 Both travel through torch.distributed (NCCL on GPUs, gloo on CPUs) or, on request, between the GPUs
 of one node through the copy engines (:mod:`lightning_sp.copy_engine`: no SMs taken from the
-attention kernels). ``set_transport`` chooses. ``auto`` is torch.distributed: on 2 H200s with FA4
-the copy engines hid the transfers completely, but their memory traffic slowed the attention kernels
-by about as much (32K fwd+bwd 1-2% slower, forward 1-4% faster; benchmark/RESULTS.md, run 5).
+attention kernels). ``auto`` is torch.distributed: the copy engines hide the transfers, but their
+memory traffic slows the attention kernels by about as much (benchmark/RESULTS.md), so they are opt-in.
 """
 from __future__ import annotations
 
@@ -14,7 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from .mesh import SPConfigError, SPMesh
+from .errors import SPConfigError
+from .mesh import SPMesh
 
 TRANSPORTS = ("auto", "nccl", "copy_engine")
 _transport = "auto"

@@ -7,7 +7,8 @@ from torch import nn
 
 from ..kernels import KernelError, backends
 from ..layout import canonical_layout
-from ..mesh import SPConfigError, SPMesh, single_process_mesh
+from ..errors import SPConfigError
+from ..mesh import SPMesh, single_process_mesh
 from .ring import RingSpec, ring_backward, ring_forward
 from .ulysses import HeadGather, HeadScatter, check_heads, choose_head_groups, replicated_kv_heads
 

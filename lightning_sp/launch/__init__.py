@@ -1,0 +1,1 @@
+"""Launch helpers: SLURM requeue and cluster environments."""
