@@ -1,4 +1,4 @@
-"""The Triton merge kernel (lightning_sp/attention/fused_merge.py) against the float64 merge and
+"""The Triton merge kernel (lightning_sp/core/attention/fused_merge.py) against the float64 merge and
 against the PyTorch path of ``merge_``, on CPU through Triton's interpreter (TRITON_INTERPRET=1).
 On GPUs the ring tests run it for real (``merge_`` takes it for CUDA tensors)."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ def fused():
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         spec = importlib.util.spec_from_file_location(
-            "fused_merge_interpreted", os.path.join(ROOT, "lightning_sp", "attention", "fused_merge.py"))
+            "fused_merge_interpreted", os.path.join(ROOT, "lightning_sp", "core", "attention", "fused_merge.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
