@@ -142,7 +142,7 @@ def interleaved_baseline(step, args, kernel_name, kv, seq_len, fwd_only, device,
     that both see the same clocks. Medians over the counted rounds; perfect = baseline / world.
     The warm-up rounds go first: from a GPU below its power cap the one-GPU round runs at boost
     clocks and ours follows while the draw still rises (ours 32 -> 28.6 ms against 26.5 at the cap,
-    32K on 2 H200s: benchmark/RESULTS.md, run 8)."""
+    32K on 2 H200s: benchmark/results/2026-11-26-run8/NOTES.md)."""
     kernel = select_kernel(kernel_name, *whole_sequence_stubs(args, kv, seq_len, device, dtype), causal=True)
     baseline = one_gpu.make_step(kernel, args, kv, seq_len, fwd_only, device, dtype)
     for _ in range(args.interleave_warmup_rounds):

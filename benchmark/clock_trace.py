@@ -1,6 +1,6 @@
 """Iteration by iteration: time, SM clock and power of every GPU while the one-GPU kernel on the
 whole sequence (every rank alone, as ``--interleave``'s baseline) and ours (a ring over all ranks)
-alternate. It shows how the power cap moves timings (benchmark/RESULTS.md, run 8).
+alternate. It shows how the power cap moves timings (benchmark/results/2026-11-26-run8/NOTES.md).
 
     torchrun --nproc_per_node 2 benchmark/clock_trace.py --seq_len 32768 --backend fa4 --out clocks.jsonl
 

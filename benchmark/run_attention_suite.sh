@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The attention suite of issue 6 (item 2) in one go, on one machine with 2 GPUs; about 5-6 minutes on 2 x H100.
 #
-#   bash benchmark/run_attention_suite.sh [OUT_DIR]        # from the repo root; OUT_DIR defaults to benchmark/results
+#   bash benchmark/run_attention_suite.sh [OUT_DIR]        # from the repo root; OUT_DIR defaults to benchmark/results/<today>-suite (give each run its own folder with a NOTES.md)
 #
 # bf16, causal, batch 1, 32 query heads of 128, with 32 (MHA) and 8 (GQA) KV heads, 32K and 128K tokens,
 # forward+backward and forward only:
@@ -22,7 +22,7 @@
 # same clocks; see benchmark/README.md; it costs about N x 10 iterations per configuration).
 set -u
 
-OUT=${1:-benchmark/results}
+OUT=${1:-benchmark/results/$(date +%F)-suite}
 NPROC=${NPROC:-2}
 SEQS=${SEQS:-"32768 131072"}
 KVS=${KVS:-"32 8"}
