@@ -16,7 +16,8 @@ from .core.attention.functional import *  # noqa: F401,F403  (the seed-compatibl
 from .core.attention.functional import __all__ as _functions
 from .core.errors import KernelError, SPConfigError
 from .core.loss import TokenLoss
-from .core.mesh import SPMesh, init_sp_mesh
+from .core.config import SPConfig
+from .core.mesh import SPMesh, build_mesh, init_sp_mesh
 from .integration import UlyssesRingFSDPStrategy, UlyssesRingStrategy, register_strategies
 from .app.models import swap_attention
 
@@ -24,7 +25,7 @@ register_strategies()  # Trainer(strategy="ulysses_ring" | "ulysses" | "ring" | 
 
 # short name -> the module it stands for (and, recursively, its loaded submodules)
 _ALIASES = {
-    "mesh": "core.mesh", "layout": "core.layout", "comm": "core.comm", "copy_engine": "core.copy_engine",
+    "config": "core.config", "mesh": "core.mesh", "layout": "core.layout", "comm": "core.comm", "copy_engine": "core.copy_engine",
     "loss": "core.loss", "testing": "core.testing", "kernels": "core.kernels", "attention": "core.attention",
     "errors": "core.errors", "strategy": "integration.strategy", "models": "app.models", "lm": "app.lm",
     "data": "app.data", "slurm": "launch.slurm", "cluster": "launch.cluster",
@@ -44,7 +45,7 @@ def _install_aliases() -> None:
 _install_aliases()
 
 __version__ = "0.1.0"
-__all__ = ["KernelError", "LongContextAttention", "LongContextAttentionQKVPacked", "SPConfigError", "SPMesh",
-           "TokenLoss", "UlyssesAttention", "UlyssesRingFSDPStrategy", "UlyssesRingStrategy", "init_sp_mesh",
+__all__ = ["KernelError", "LongContextAttention", "LongContextAttentionQKVPacked", "SPConfig", "SPConfigError", "SPMesh",
+           "TokenLoss", "UlyssesAttention", "UlyssesRingFSDPStrategy", "UlyssesRingStrategy", "build_mesh", "init_sp_mesh",
            "kernels", "layout", "long_context_attention", "loss", "packed_long_context_attention",
            "register_strategies", "ring_mesh", "swap_attention", *sorted(_functions)]

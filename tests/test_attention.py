@@ -62,9 +62,8 @@ def test_sliding_window(worlds, world, u, r, layout, causal, window):
 
 
 def _mesh_shape(u, r):
-    from lightning_sp.mesh import single_process_mesh
-    from dataclasses import replace
-    return replace(single_process_mesh(), ring_size=r, ulysses_size=u)
+    from lightning_sp.core.mesh import rank_coordinates
+    return rank_coordinates(ring_size=r, ulysses_size=u)
 
 
 DOCS_CAUSAL = [13, 30, 7, 21]  # uneven: every layout pads them

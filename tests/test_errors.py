@@ -71,16 +71,39 @@ def test_return_attn_probs_gives_lse():
     assert probs is None and lse.shape == (1, 2, 8) and torch.allclose(lse, ref)
 
 
-def test_transport_choices():
+def test_transport_choices(monkeypatch):
     from lightning_sp import comm
+    from lightning_sp.core.config import SPConfig
     with pytest.raises(SPConfigError, match="unknown transport 'ib'; choose one of auto, nccl, copy_engine"):
         comm.set_transport("ib")
+    with pytest.raises(SPConfigError, match="unknown transport 'ib'; choose one of auto, nccl, copy_engine"):
+        SPConfig(transport="ib")
     with pytest.raises(SPConfigError, match="unknown transport 'shm'; choose one of auto, nccl, copy_engine"):
         lightning_sp.UlyssesRingStrategy(transport="shm")
     # the copy engines move CUDA memory only: asking for them with CPU tensors is an error, not a fallback
-    comm.set_transport("copy_engine")
-    try:
-        with pytest.raises(SPConfigError, match="transport 'copy_engine' needs CUDA tensors, got cpu"):
-            comm.start_all_to_all(torch.zeros(1, 4), None)
-    finally:
-        comm.set_transport("auto")
+    with pytest.raises(SPConfigError, match="transport 'copy_engine' needs CUDA tensors, got cpu"):
+        comm.start_all_to_all(torch.zeros(1, 4), None, "copy_engine")
+    mesh = lightning_sp.init_sp_mesh().with_config(transport="copy_engine")
+    with pytest.raises(SPConfigError, match="transport 'copy_engine' needs CUDA tensors, got cpu"):
+        comm.RingExchange(mesh).start([torch.zeros(4)])
+
+
+def test_transport_default_is_read_once_per_config(monkeypatch):
+    """set_transport and LIGHTNING_SP_TRANSPORT set only the default a new config takes; a config
+    (and its mesh) keeps the transport it was built with."""
+    from lightning_sp import comm
+    from lightning_sp.core.config import SPConfig
+    monkeypatch.setattr(comm, "_default_transport", None)
+    monkeypatch.setenv("LIGHTNING_SP_TRANSPORT", "nccl")
+    before = SPConfig()
+    assert before.transport == "nccl" == comm.current_transport()
+    monkeypatch.setenv("LIGHTNING_SP_TRANSPORT", "ib")
+    with pytest.raises(SPConfigError, match="LIGHTNING_SP_TRANSPORT='ib' is not a transport; set it to one of auto"):
+        SPConfig()
+    comm.set_transport("copy_engine")  # takes precedence over the environment
+    assert SPConfig().transport == "copy_engine" and SPConfig(transport="auto").transport == "auto"
+    assert before.transport == "nccl"
+    mesh = lightning_sp.init_sp_mesh()
+    assert mesh.config.transport == "copy_engine"
+    comm.set_transport("auto")
+    assert mesh.config.transport == "copy_engine" and lightning_sp.init_sp_mesh().config.transport == "auto"

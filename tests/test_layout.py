@@ -1,18 +1,12 @@
 """Layouts and the ring block schedule, single process."""
 import itertools
-from dataclasses import replace
 
 import pytest
 import torch
 
 from lightning_sp import SPConfigError
 from lightning_sp import layout as L
-from lightning_sp.mesh import single_process_mesh
-
-
-def mesh(ring, ulysses=1, ring_rank=0, ulysses_rank=0):
-    return replace(single_process_mesh(), ring_size=ring, ulysses_size=ulysses, ring_rank=ring_rank,
-                   ulysses_rank=ulysses_rank)
+from lightning_sp.core.mesh import rank_coordinates as mesh
 
 
 def test_reference_definitions():

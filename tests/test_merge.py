@@ -11,7 +11,7 @@ from lightning_sp import layout as L
 from lightning_sp.attention import ring as ring_mod
 from lightning_sp.attention.merge import OutputAccumulator, PartialSum, merge_, take
 from lightning_sp.attention.ring import RingSpec, StepPlan, _kernel_backward, _kernel_forward
-from lightning_sp.mesh import single_process_mesh
+from lightning_sp.core.mesh import rank_coordinates
 
 BF16, F32 = torch.bfloat16, torch.float32
 SHAPE = (2, 24, 3, 5)  # (b, s, h, d): odd sizes, so no vectorized loop covers a row evenly
@@ -181,7 +181,7 @@ def test_output_accumulator_two_blocks(sels, dtype):
 # --- the ring: which dtype the dK/dV sums travel in ----------------------------------------------
 
 def _plan(layout, R, r, causal=True, window=(None, None), n=16, cu=None):
-    mesh = replace(single_process_mesh(), ring_size=R, ring_rank=r)
+    mesh = rank_coordinates(ring_size=R, ring_rank=r)
     return StepPlan(RingSpec(mesh, layout, causal, 1.0, window, "auto", cu), n, "cpu")
 
 

@@ -33,7 +33,8 @@ def world4():
 
 def _coords(dp, ring, ulysses, sp_rank) -> SPMesh:
     """Index maths of another rank (no process group)."""
-    return SPMesh(None, dp, ring, ulysses, 0, sp_rank // ulysses, sp_rank % ulysses, None, None, None, None, (0,))
+    config = lightning_sp.SPConfig(ulysses_degree=ulysses, ring_degree=ring, world_size=dp * ring * ulysses)
+    return SPMesh(config=config, ring_rank=sp_rank // ulysses, ulysses_rank=sp_rank % ulysses)
 
 
 def check_run(results, ulysses, ring, layout, *, n, batch, steps, data="dense", seq=13, tol=TOL, epochs=1):

@@ -13,20 +13,26 @@ import os
 import torch
 import torch.distributed as dist
 
+from typing import TYPE_CHECKING
+
 from .errors import SPConfigError
-from .mesh import SPMesh
+
+if TYPE_CHECKING:
+    from .mesh import SPMesh
 
 TRANSPORTS = ("auto", "nccl", "copy_engine")
-_transport = "auto"
+ENV_TRANSPORT = "LIGHTNING_SP_TRANSPORT"
+_default_transport: str | None = None  # set_transport's choice; None: the environment's, else "auto"
 _engines: dict = {}  # process group -> (CopyEngineTransport or None, why it cannot be used)
 
 
 def set_transport(name: str) -> None:
-    """``auto`` (today: torch.distributed, see the module doc), ``nccl`` (torch.distributed: NCCL,
-    or gloo for CPU tensors) or ``copy_engine`` (the GPUs' copy engines; an error where a group
-    cannot use them). Every rank must choose the same, before the first exchange."""
-    global _transport
-    _transport = check_transport(name)
+    """Set the default transport: the one a :class:`~lightning_sp.core.config.SPConfig` built later
+    with ``transport=None`` takes. ``auto`` (today: torch.distributed, see the module doc), ``nccl``
+    (torch.distributed: NCCL, or gloo for CPU tensors) or ``copy_engine`` (the GPUs' copy engines;
+    an error where a group cannot use them). Meshes already built keep their config's transport."""
+    global _default_transport
+    _default_transport = check_transport(name)
 
 
 def check_transport(name: str) -> str:
@@ -37,17 +43,25 @@ def check_transport(name: str) -> str:
 
 
 def current_transport() -> str:
-    return _transport
+    """The default transport: ``set_transport``'s choice, else the ``LIGHTNING_SP_TRANSPORT``
+    environment variable, else ``auto``."""
+    if _default_transport is not None:
+        return _default_transport
+    name = os.environ.get(ENV_TRANSPORT, "auto")
+    if name not in TRANSPORTS:
+        raise SPConfigError(f"{ENV_TRANSPORT}={name!r} is not a transport; set it to one of {', '.join(TRANSPORTS)}")
+    return name
 
 
-def copy_engine_for(group, device: torch.device):
-    """The copy-engine transport of ``group`` when it is chosen, else None (torch.distributed).
-    Collective at the group's first exchange (every rank of a group exchanges in the same order)."""
-    if _transport != "copy_engine":
+def copy_engine_for(group, device: torch.device, transport: str):
+    """The copy-engine transport of ``group`` where ``transport`` is ``copy_engine``, else None
+    (torch.distributed). Collective at the group's first exchange (every rank of a group exchanges
+    in the same order)."""
+    if check_transport(transport) != "copy_engine":
         return None
     if device.type != "cuda":
         raise SPConfigError(f"transport 'copy_engine' needs CUDA tensors, got {device.type}; "
-                            f"use set_transport('auto') or 'nccl'")
+                            f"use transport 'auto' or 'nccl'")
     if group not in _engines:
         from . import copy_engine
         reason = copy_engine.unavailable_reason(group)
@@ -56,9 +70,6 @@ def copy_engine_for(group, device: torch.device):
     if engine is None:
         raise SPConfigError(f"transport 'copy_engine' cannot be used: {reason}; use 'auto' or 'nccl'")
     return engine
-
-
-set_transport(os.environ.get("LIGHTNING_SP_TRANSPORT", "auto"))
 
 
 def transport_buffer_bytes(uncounted_only: bool = False) -> int:
@@ -89,13 +100,13 @@ class RingExchange:
     def __init__(self, mesh: SPMesh, reverse: bool = False):
         size, rank = mesh.ring_size, mesh.ring_rank
         step = -1 if reverse else 1
-        self.group = mesh.ring_group
+        self.group, self.transport = mesh.ring_group, mesh.config.transport
         self.next_index, self.prev_index = (rank + step) % size, (rank - step) % size  # within the group
         self.next_rank, self.prev_rank = mesh.ring_ranks[self.next_index], mesh.ring_ranks[self.prev_index]
 
     def start(self, tensors):
         tensors = [t.contiguous() for t in tensors]
-        engine = copy_engine_for(self.group, tensors[0].device)
+        engine = copy_engine_for(self.group, tensors[0].device, self.transport)
         if engine is not None:
             return engine.send_recv(tensors, self.next_index, self.prev_index)
         received = [torch.empty_like(t) for t in tensors]
@@ -104,10 +115,11 @@ class RingExchange:
         return _Pending(dist.batch_isend_irecv(ops), received)
 
 
-def start_all_to_all(x: torch.Tensor, group):
-    """x is (U, ...): slice i goes to rank i of the group; slice i of the result (``wait()[0]``) came
-    from rank i. Returns at once, like ``RingExchange.start``."""
-    engine = copy_engine_for(group, x.device)
+def start_all_to_all(x: torch.Tensor, group, transport: str):
+    """x is (U, ...): slice i goes to rank i of ``group``; slice i of the result (``wait()[0]``) came
+    from rank i. ``transport``: the mesh's (``mesh.config.transport``). Returns at once, like
+    ``RingExchange.start``."""
+    engine = copy_engine_for(group, x.device, transport)
     if engine is not None:
         return engine.all_to_all(x)
     out = torch.empty_like(x)

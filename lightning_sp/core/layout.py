@@ -95,12 +95,6 @@ def _gather_sp(x_local: torch.Tensor, mesh: SPMesh) -> list[torch.Tensor]:
     return parts
 
 
-def _sp_coords(mesh: SPMesh, sp_rank: int) -> SPMesh:
-    """The mesh as seen by another rank of the same sequence-parallel group (for index maths)."""
-    return SPMesh(None, 1, mesh.ring_size, mesh.ulysses_size, 0, sp_rank // mesh.ulysses_size,
-                  sp_rank % mesh.ulysses_size, None, None, None, None, mesh.ring_ranks)
-
-
 def unshard(x_local: torch.Tensor, mesh: SPMesh | None, layout: str, dim: int = 1) -> torch.Tensor:
     """Collective over the sequence-parallel group: the full tensor, in original order, on every rank."""
     mesh = mesh or single_process_mesh()
@@ -109,7 +103,7 @@ def unshard(x_local: torch.Tensor, mesh: SPMesh | None, layout: str, dim: int = 
     dim = dim % x_local.dim()
     parts = _gather_sp(x_local, mesh)
     seq_len = x_local.shape[dim] * mesh.sp_size
-    order = torch.cat([local_indices(seq_len, _sp_coords(mesh, r), layout) for r in range(mesh.sp_size)])
+    order = torch.cat([local_indices(seq_len, mesh.at_sp_rank(r), layout) for r in range(mesh.sp_size)])
     full = torch.cat(parts, dim=dim)
     return full.index_select(dim, torch.argsort(order).to(full.device))
 
@@ -155,7 +149,7 @@ class PackedShard:
         mesh = mesh or single_process_mesh()
         dim = dim % x_local.dim()
         parts = _gather_sp(x_local, mesh) if mesh.sp_size > 1 else [x_local]
-        slots = [_packed_slots(self.padded_cu_seqlens, _sp_coords(mesh, r), self.layout)[0]
+        slots = [_packed_slots(self.padded_cu_seqlens, mesh.at_sp_rank(r), self.layout)[0]
                  for r in range(mesh.sp_size)]
         full = torch.cat(parts, dim=dim)
         index = self.slot_to_token[torch.cat(slots)].to(full.device)

@@ -13,6 +13,7 @@ import inspect
 
 import torch.distributed as dist
 
+from ..config import SPConfig
 from ..mesh import SPMesh, single_process_mesh
 from .hybrid import packed_long_context_attention, reject_unsupported
 
@@ -30,7 +31,8 @@ def ring_mesh(group=None) -> SPMesh:
         return single_process_mesh()
     group = group or dist.group.WORLD
     ranks = tuple(dist.get_process_group_ranks(group))
-    return SPMesh(None, 1, len(ranks), 1, 0, dist.get_rank(group), 0, None, group, None, group, ranks)
+    config = SPConfig(ring_degree=len(ranks), world_size=len(ranks))
+    return SPMesh(config=config, ring_rank=dist.get_rank(group), ring_ranks=ranks, ring_group=group, sp_group=group)
 
 
 def _make(family: str, packing: str, varlen: bool):

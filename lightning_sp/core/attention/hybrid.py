@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..kernels import KernelError, backends
+from ..kernels import check_backend
 from ..layout import canonical_layout
 from ..errors import SPConfigError
 from ..mesh import SPMesh, single_process_mesh
@@ -32,12 +32,6 @@ def reject_unsupported(dropout_p=0.0, alibi_slopes=None) -> None:
     if alibi_slopes is not None:
         raise SPConfigError("alibi_slopes are not supported; pass alibi_slopes=None "
                             "(use RoPE with global position_ids instead)")
-
-
-def _check_backend(backend: str) -> str:
-    if backend not in backends():
-        raise KernelError(f"unknown attention backend {backend!r}; supported: {', '.join(backends())}")
-    return backend
 
 
 def unpack(inputs):
@@ -149,7 +143,7 @@ def packed_long_context_attention(inputs, mesh: SPMesh, layout: str, *, causal=F
         inputs = q, k.repeat_interleave(rep, dim=-2), v.repeat_interleave(rep, dim=-2)
     if varlen:
         inputs = [x.unsqueeze(0) for x in inputs]
-    spec = RingSpec(mesh, layout, causal, scale, window, _check_backend(backend), tuple(cu) if varlen else None)
+    spec = RingSpec(mesh, layout, causal, scale, window, check_backend(backend), tuple(cu) if varlen else None)
     out, lse = _HybridAttention.apply(spec, groups, *inputs)
     if varlen:
         out = out[0]
@@ -190,7 +184,7 @@ class LongContextAttention(nn.Module):
         super().__init__()
         self.mesh = mesh
         self.ring_impl = canonical_layout(ring_impl)
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.head_groups = head_groups
 
     def bind(self, mesh: SPMesh, ring_impl: str | None = None, backend: str | None = None,
@@ -200,7 +194,7 @@ class LongContextAttention(nn.Module):
         if ring_impl is not None:
             self.ring_impl = canonical_layout(ring_impl)
         if backend is not None:
-            self.backend = _check_backend(backend)
+            self.backend = check_backend(backend)
         if head_groups is not None:
             self.head_groups = head_groups
         return self

@@ -13,17 +13,9 @@ import math
 import torch
 
 from ..comm import start_all_to_all
+from ..config import check_heads  # noqa: F401  (importable from here, as before)
 from ..errors import SPConfigError
 from ..mesh import SPMesh
-
-
-def check_heads(q_heads: int, kv_heads: int, ulysses_size: int) -> None:
-    if q_heads % ulysses_size:
-        raise SPConfigError(
-            f"{q_heads} query heads are not divisible by the ulysses degree {ulysses_size}; choose a "
-            f"ulysses degree that divides {q_heads} and put the rest of the parallelism into the ring degree")
-    if q_heads % kv_heads:
-        raise SPConfigError(f"{q_heads} query heads are not a multiple of {kv_heads} key/value heads")
 
 
 def replicated_kv_heads(kv_heads: int, ulysses_size: int) -> int:
@@ -83,14 +75,14 @@ class HeadScatter:
         b, s, _, d = xs[0].shape
         self._shape = (b, s, d)
         self._heads = [x.shape[2] // (self.U * groups) for x in xs]
-        self._pending = [self._start(xs, g, mesh.ulysses_group) for g in range(groups)]
+        self._pending = [self._start(xs, g, mesh) for g in range(groups)]
 
-    def _start(self, xs, g, group):
+    def _start(self, xs, g, mesh: SPMesh):
         b, s, d = self._shape
         buf = xs[0].new_empty(self.U, b, s, sum(self._heads), d)
         for x, part in zip(xs, buf.split(self._heads, dim=3)):
             copy_rows(part, x.unflatten(2, (self.U, self.groups, -1))[:, :, :, g].permute(2, 0, 1, 3, 4))
-        return start_all_to_all(buf, group)  # slice u of buf goes to rank u
+        return start_all_to_all(buf, mesh.ulysses_group, mesh.config.transport)  # slice u of buf goes to rank u
 
     def __getitem__(self, g: int) -> list[torch.Tensor]:
         if self.U == 1:
@@ -106,7 +98,7 @@ class HeadGather:
     sequence shards; ``result()`` waits for every group and gives (b, s, H_i, d) per tensor."""
 
     def __init__(self, mesh: SPMesh, groups: int):
-        self.U, self.groups, self.group = mesh.ulysses_size, groups, mesh.ulysses_group
+        self.U, self.groups, self.mesh = mesh.ulysses_size, groups, mesh
         self._sent = []
 
     def send(self, g: int, ys) -> None:
@@ -118,7 +110,7 @@ class HeadGather:
         buf = ys[0].new_empty(self.U, b, S // self.U, sum(heads), d)
         for y, part in zip(ys, buf.split(heads, dim=3)):
             copy_rows(part, y.unflatten(1, (self.U, -1)).transpose(0, 1))
-        self._sent.append((g, heads, start_all_to_all(buf, self.group)))
+        self._sent.append((g, heads, start_all_to_all(buf, self.mesh.ulysses_group, self.mesh.config.transport)))
 
     def result(self, into=None) -> list[torch.Tensor]:
         """``into``: tensors to write the results to (slices of a packed gradient), U > 1 only."""

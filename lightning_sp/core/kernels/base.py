@@ -146,10 +146,18 @@ def backends() -> list[str]:
     return ["auto", *_REGISTRY]
 
 
-def get_kernel(name: str) -> BlockKernel:
-    if name not in _REGISTRY:
+def check_backend(name: str) -> str:
+    """``name`` if it is ``auto`` or a registered backend, else a KernelError naming the choices."""
+    if name != "auto" and name not in _REGISTRY:
         raise KernelError(f"unknown attention backend {name!r}; supported: {', '.join(backends())}")
-    return _REGISTRY[name]
+    return name
+
+
+def get_kernel(name: str) -> BlockKernel:
+    """The registered backend ``name`` (not ``auto``)."""
+    if name == "auto":
+        raise KernelError("get_kernel needs a backend name, not 'auto'; use select_kernel for 'auto'")
+    return _REGISTRY[check_backend(name)]
 
 
 def select_kernel(backend: str, q, k, causal=False, window=NO_WINDOW) -> BlockKernel:
