@@ -2,6 +2,7 @@
 
 The configuration lives in conf/ (see docs/recipes.md). Lightning's launcher starts the
 trainer's processes: each re-runs this script with the same overrides and joins the run directory.
+Resume with `ckpt_path=<file>` or `ckpt_path=last` (conf/train.yaml).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 
@@ -17,7 +18,11 @@ def build(cfg: DictConfig):
     """(trainer, module, datamodule) from a composed config."""
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module, model=instantiate(cfg.model))
-    trainer = instantiate(cfg.trainer, strategy=instantiate(cfg.strategy))
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    # trainer.callbacks: named entries (conf/trainer/default.yaml; null drops one) or a plain list
+    callbacks = trainer_cfg.pop("callbacks", None) or []
+    callbacks = [instantiate(c) for c in (callbacks.values() if isinstance(callbacks, dict) else callbacks) if c]
+    trainer = instantiate(trainer_cfg, strategy=instantiate(cfg.strategy), callbacks=callbacks)
     return trainer, module, datamodule
 
 
@@ -33,7 +38,7 @@ def prompt_batch(datamodule) -> dict:
 def main(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     trainer, module, datamodule = build(cfg)
-    trainer.fit(module, datamodule)
+    trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
     loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
     if cfg.predict_after_fit:
         batch = prompt_batch(datamodule)

@@ -3,6 +3,7 @@ under UlyssesRingStrategy match one process; the main job trains (slow tier)."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import subprocess
 import sys
 import time
@@ -13,19 +14,33 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.errors import OverrideParseException
+from hydra.utils import get_class, instantiate
 from omegaconf import open_dict
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
+from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
 import lightning_sp
-from lightning_sp.data import LMDataModule, LongRangeTask
-from lightning_sp.lm import CausalLM
-from lightning_sp.models import LlamaConfig, LlamaForCausalLM
+from lightning_sp.app.data import LMDataModule, LongRangeTask
+from lightning_sp.app.lm import CausalLM
+from lightning_sp.app.models import LlamaConfig, LlamaForCausalLM
+from lightning_sp.launch.slurm import SLURMRequeue
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("trainer", "strategy", "model", "data")}
+# a group's default.yaml is the base its options extend (conf/trainer/default.yaml), not an option
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml") if p.stem != "default")
+          for g in ("trainer", "strategy", "model", "data")}
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def _recipe():
+    """recipes/train.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("recipe_train", ROOT / "recipes" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _compose(overrides, tmp_path):
@@ -37,34 +52,72 @@ def _compose(overrides, tmp_path):
     return cfg
 
 
-CASES = [[f"{g}={o}"] for g, opts in GROUPS.items() for o in opts] + [[f"experiment={e}"] for e in EXPERIMENTS]
+# every option of every group on its own, then every experiment with every data option
+CASES = ([[f"{g}={o}"] for g, opts in GROUPS.items() for o in opts]
+         + [[f"experiment={e}", f"data={d}"] for e in EXPERIMENTS for d in GROUPS["data"]])
 
 
-@pytest.mark.parametrize("overrides", CASES, ids=lambda o: o[0])
+@pytest.mark.parametrize("overrides", CASES, ids=" ".join)
 def test_every_config_composes_and_instantiates(overrides, tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"text": "' + "hello " * 200 + '"}\n')
-    if overrides == ["data=text"]:
-        overrides = overrides + [f"data.train.paths=[{tmp_path / 'a.jsonl'}]"]
+    text = tmp_path / "a.jsonl"  # one document longer than the longest experiment's sequence
+    text.write_text('{"text": "' + "hello " * 22_000 + '"}\n')
+    if "data=text" in overrides:
+        overrides = overrides + [f"data.train.paths=[{text}]"]
     cfg = _compose(overrides, tmp_path)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         cfg.trainer.accelerator = "cpu"  # the GPU configs are checked on CPU; everything else as written
-    data = instantiate(cfg.data)
-    assert isinstance(data, LMDataModule) and len(data.train) > 0
     with torch.device("meta"):  # large shapes never allocate
         model = instantiate(cfg.model)()
     assert isinstance(model, LlamaForCausalLM)
     assert sum(p.numel() for p in model.parameters()) == model.config.num_params()
-    module = instantiate(cfg.module, model=model)
+
+    trainer, module, data = _recipe().build(cfg)  # what the recipe builds before trainer.fit
+    assert isinstance(data, LMDataModule) and len(data.train) > 0
+    assert data.train.seq_len == cfg.data.train.seq_len
     assert isinstance(module, CausalLM)
-    strategy = instantiate(cfg.strategy)
-    trainer = instantiate(cfg.trainer, strategy=strategy)
-    assert isinstance(trainer, pl.Trainer) and trainer.strategy is strategy
-    if isinstance(strategy, lightning_sp.UlyssesRingStrategy) and overrides[0] != "trainer=gpu":
+    assert isinstance(trainer, pl.Trainer) and trainer.max_steps == cfg.trainer.max_steps
+    assert type(trainer.strategy) is get_class(cfg.strategy._target_)
+    assert isinstance(trainer.logger, CSVLogger) and trainer.logger.save_dir == str(tmp_path)
+    # checkpointing and the SLURM requeue come from trainer/default.yaml into every trainer option
+    assert sum(isinstance(c, SLURMRequeue) for c in trainer.callbacks) == 1
+    assert trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
+    assert trainer.checkpoint_callback.save_last and cfg.ckpt_path is None
+    if isinstance(trainer.strategy, lightning_sp.UlyssesRingStrategy) and overrides[0] != "trainer=gpu":
         # whole runs (the defaults, every experiment) must be consistent; trainer=gpu alone keeps the
         # CPU strategy's 2 x 2 degrees and needs strategy.ulysses_degree/ring_degree set to its devices
         degrees = cfg.strategy.ulysses_degree * cfg.strategy.ring_degree
         assert cfg.trainer.devices * cfg.trainer.num_nodes % degrees == 0, "degrees must divide the world"
         assert cfg.model.config.num_heads % cfg.strategy.ulysses_degree == 0
+
+
+def test_the_fsdp_strategy_extends_the_sequence_parallel_one(tmp_path):
+    plain = _compose(["strategy=ulysses_ring"], tmp_path).strategy
+    fsdp = _compose(["strategy=ulysses_ring_fsdp"], tmp_path).strategy
+    assert fsdp._target_ == "lightning_sp.UlyssesRingFSDPStrategy" and (fsdp.ulysses_degree, fsdp.ring_degree) == (2, 1)
+    assert {k: v for k, v in fsdp.items() if k not in ("_target_", "ring_degree")} == {
+        k: v for k, v in plain.items() if k not in ("_target_", "ring_degree")}
+
+
+def test_trainer_callbacks_are_named_so_one_can_be_changed_or_dropped(tmp_path):
+    cfg = _compose(["trainer.callbacks.model_checkpoint.every_n_train_steps=7",
+                    "trainer.callbacks.slurm_requeue=null"], tmp_path)
+    trainer = _recipe().build(cfg)[0]
+    assert not any(isinstance(c, SLURMRequeue) for c in trainer.callbacks)
+    assert trainer.checkpoint_callback._every_n_train_steps == 7
+    cfg = _compose(["+trainer.callbacks.summary={_target_:lightning.pytorch.callbacks.ModelSummary,max_depth:2}",
+                    "trainer.callbacks.model_checkpoint=null", "trainer.enable_checkpointing=false"], tmp_path)
+    trainer = _recipe().build(cfg)[0]
+    assert trainer.checkpoint_callback is None and any(isinstance(c, SLURMRequeue) for c in trainer.callbacks)
+    assert any(isinstance(c, ModelSummary) and c._max_depth == 2 for c in trainer.callbacks)
+
+
+@pytest.mark.parametrize("override", ["ckpt_path='/x/epoch=0-step=100.ckpt'", r"ckpt_path=/x/epoch\=0-step\=100.ckpt"])
+def test_ckpt_path_with_equals_signs_is_given_quoted_or_escaped(override, tmp_path):
+    """docs/recipes.md's quoting: Hydra's override grammar reads an unquoted `=` as a second assignment."""
+    assert _compose([override], tmp_path).ckpt_path == "/x/epoch=0-step=100.ckpt"
+    assert _compose(["ckpt_path=last"], tmp_path).ckpt_path == "last"
+    with pytest.raises(OverrideParseException):
+        _compose(["ckpt_path=/x/epoch=0-step=100.ckpt"], tmp_path)
 
 
 def test_the_large_experiment_is_the_documented_shape(tmp_path):

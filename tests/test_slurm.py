@@ -361,8 +361,7 @@ JOB = ["experiment=cpu_smoke", f"trainer.max_steps={STEPS}"]
 def test_sbatch_job_requeued_mid_run_resumes_to_the_uninterrupted_losses(slurm, tmp_path):
     """Two jobs at once (the node has 8 CPUs): one runs through, one is signalled after step 3."""
     beacon = tmp_path / "signalled" / "step"
-    callbacks = ("trainer.callbacks=[{_target_:lightning_sp.slurm.SLURMRequeue},"
-                 f"{{_target_:slurm_helpers.StepBeacon,path:{beacon},pause_s:3}}]")
+    callbacks = f"+trainer.callbacks.beacon={{_target_:slurm_helpers.StepBeacon,path:{beacon},pause_s:3}}"
     plain = _submit(slurm, tmp_path / "plain", *JOB)
     signalled = _submit(slurm, tmp_path / "signalled", *JOB, callbacks)
 
@@ -413,8 +412,7 @@ def test_submitit_job_on_the_local_controller_requeues_and_resumes(slurm, tmp_pa
     result file); submitit's USR2 reaches SLURMRequeue, which requeues; the job resumes and completes."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     beacon = tmp_path / "step"
-    callbacks = ("trainer.callbacks=[{_target_:lightning_sp.slurm.SLURMRequeue},"
-                 f"{{_target_:slurm_helpers.StepBeacon,path:{beacon},pause_s:3}}]")
+    callbacks = f"+trainer.callbacks.beacon={{_target_:slurm_helpers.StepBeacon,path:{beacon},pause_s:3}}"
     env = dict(slurm.env, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, str(ROOT / "recipes/train.py"), "-m", "hydra/launcher=slurm_cpu",
                              f"hydra.sweep.dir={tmp_path / 'sweep'}", *JOB, callbacks],
@@ -450,8 +448,7 @@ def test_submitit_local_executor_runs_the_job_once_per_rank(tmp_path):
     job trained to the last step (previously Lightning re-ran submitit's entry point from every task)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     record, sweep = tmp_path / "processes", tmp_path / "sweep"
-    callbacks = ("trainer.callbacks=[{_target_:lightning_sp.slurm.SLURMRequeue},"
-                 f"{{_target_:slurm_helpers.ProcessRecord,folder:{record}}}]")
+    callbacks = f"+trainer.callbacks.record={{_target_:slurm_helpers.ProcessRecord,folder:{record}}}"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, str(ROOT / "recipes/train.py"), "-m", "hydra/launcher=local_submitit",
                              f"hydra.sweep.dir={sweep}", "experiment=cpu_smoke", "trainer.max_steps=4", callbacks],
