@@ -180,9 +180,8 @@ def run_config(args, meshes, shape, u, layout, backend, groups, transport, devic
             raise lightning_sp.SPConfigError(f"--ulysses_degree {u} does not divide the world size {world}")
         if u not in meshes:
             meshes[u] = lightning_sp.init_sp_mesh(ulysses_degree=u, ring_degree=world // u)
-        mesh = meshes[u]
+        mesh = meshes[u].with_config(transport=transport)  # the transport travels in the mesh's config
         check_seq_len(seq_len, layout, mesh)
-        comm.set_transport(transport)
         record["kernel"] = selected_kernel(backend, mesh, args, kv, seq_len, device, dtype)
         record["head_groups"] = choose_head_groups(args.nheads, kv, u, groups)
         step, record["input"] = make_step(mesh, layout, backend, groups, args, kv, seq_len, fwd_only, device, dtype)

@@ -34,19 +34,16 @@ def primitives(device) -> bool:
         for reverse in (False, True):
             got = {}
             for name in ("nccl", "copy_engine"):
-                comm.set_transport(name)
-                got[name] = comm.RingExchange(mesh, reverse=reverse).start(tensors).wait()
+                got[name] = comm.RingExchange(mesh.with_config(transport=name), reverse=reverse).start(tensors).wait()
             ok &= all(torch.equal(a, b) for a, b in zip(got["nccl"], got["copy_engine"]))
         x = torch.randn(world, numel, 3, generator=g, device=device).to(dtype)
         got = {}
         for name in ("nccl", "copy_engine"):
-            comm.set_transport(name)
-            got[name] = comm.start_all_to_all(x, mesh.ring_group).wait()[0]
+            got[name] = comm.start_all_to_all(x, mesh.ring_group, name).wait()[0]
         ok &= torch.equal(got["nccl"], got["copy_engine"])
     # many messages in flight at once (more than the outbox's slots), waited for at the end
-    comm.set_transport("copy_engine")
     xs = [torch.full((world, 4096), float(rank * 100 + i), device=device) for i in range(5)]
-    pending = [comm.start_all_to_all(x, mesh.ring_group) for x in xs]
+    pending = [comm.start_all_to_all(x, mesh.ring_group, "copy_engine") for x in xs]
     for i, p in enumerate(pending):
         expect = torch.arange(world, device=device, dtype=torch.float32)[:, None] * 100 + i
         ok &= torch.equal(p.wait()[0], expect.expand(world, 4096))
@@ -71,9 +68,9 @@ def attention(device, dtype) -> bool:
             for groups in (1, 2):
                 results, errors = {}, {}
                 for name in ("nccl", "copy_engine"):
-                    comm.set_transport(name)
                     local = [L.shard(t, mesh, layout).requires_grad_() for t in (q, k, v)]
-                    attn = lightning_sp.LongContextAttention(mesh, ring_impl=layout, head_groups=groups)
+                    by = mesh.with_config(transport=name)  # the transport travels in the mesh's config
+                    attn = lightning_sp.LongContextAttention(by, ring_impl=layout, head_groups=groups)
                     out = attn(*local, causal=True)
                     out.backward(L.shard(dout, mesh, layout))
                     results[name] = [out.detach(), *(t.grad for t in local)]
