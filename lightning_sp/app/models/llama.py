@@ -13,7 +13,9 @@ Activation checkpointing (``LlamaForCausalLM(activation_checkpointing=...)``, se
 ``"full"`` recomputes each whole decoder layer in the backward pass, attention included;
 ``"except_attention"`` recomputes everything but the core attention (norms, projections, RoPE, the
 MLP), whose own autograd keeps q, k, v, its output and log-sum-exp, so the quadratic part runs
-once forward and once backward as without checkpointing.
+once forward and once backward as without checkpointing. ``offload_checkpoints=True`` (with
+``"full"``) keeps the layer inputs that ``"full"`` saves in pinned host memory instead, copied out and
+prefetched back on a side stream (:mod:`.offload`).
 
 ``compile_blocks=True`` compiles each layer's parts around the core attention with ``torch.compile``
 (one compilation for all layers) to fuse their element-wise work, and the loss's cross entropy; the
@@ -22,6 +24,7 @@ what the gradients read (RMSNorm, o_proj, gate and up; not the q/k/v projections
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import asdict, dataclass
 
@@ -32,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ...core.errors import SPConfigError
 from .chunked_loss import _add_product, _cross_entropy_and_grad, _LinearCrossEntropy  # noqa: F401
+from .offload import CheckpointOffload
 
 # activation checkpointing modes, from least memory (and most recomputation) to none:
 #   full              - each decoder layer is recomputed in the backward (its input is kept)
@@ -51,6 +55,13 @@ def checkpointing_mode(value: bool | str | None) -> str:
         return value
     raise SPConfigError(f"activation_checkpointing must be a bool or one of {', '.join(CHECKPOINTING)}; "
                         f"got {value!r}")
+
+
+def _check_offload(mode: str) -> None:
+    if mode != "full":
+        raise SPConfigError(f"offload_checkpoints keeps in host memory the layer inputs that full activation "
+                            f"checkpointing saves; it needs activation_checkpointing='full', got {mode!r}: set "
+                            f"activation_checkpointing: full, or offload_checkpoints: false")
 
 
 @dataclass
@@ -207,14 +218,16 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, mlp_chunk_size)
 
     def forward(self, x, position_ids, cu_seqlens=None, max_seqlen=None, checkpointing: str = "none",
-                compiled: bool = False):
+                compiled: bool = False, saved_hooks=None):
         """The layer, in three parts: the projections before the core attention, the core attention,
         and everything after it. ``checkpointing`` (see ``CHECKPOINTING``) says which parts are
         recomputed in the backward pass instead of keeping their activations; ``compiled`` runs the
-        parts before and after the core through ``torch.compile`` (the core stays eager)."""
+        parts before and after the core through ``torch.compile`` (the core stays eager).
+        ``saved_hooks``: saved-tensor hooks for what ``"full"`` keeps (the offload's)."""
         if checkpointing == "full":
-            return checkpoint(self.forward, x, position_ids, cu_seqlens, max_seqlen, "none", compiled,
-                              use_reentrant=False)
+            with saved_hooks or contextlib.nullcontext():
+                return checkpoint(self.forward, x, position_ids, cu_seqlens, max_seqlen, "none", compiled,
+                                  use_reentrant=False)
         if checkpointing not in ("none", "except_attention"):
             raise SPConfigError(f"unknown checkpointing mode {checkpointing!r}; use one of {', '.join(CHECKPOINTING)}")
         recompute = checkpointing == "except_attention"
@@ -328,11 +341,18 @@ class LlamaForCausalLM(nn.Module):
     modules. Every layer shares one compilation (made in the first step); it composes with every
     checkpointing mode, ``mlp_chunk_size`` and packed documents. The training loss's cross entropy
     and its gradient (``loss_sum``) are compiled too. The attribute can be changed later.
+
+    ``offload_checkpoints`` (default False; needs ``"full"``) keeps each checkpointed layer's input in
+    pinned host memory instead of on the GPU: copied out on a side stream in the forward pass,
+    prefetched back one layer ahead in the backward pass (:class:`~.offload.CheckpointOffload`, the
+    ``checkpoint_offload`` attribute; the last checkpointed layer's input stays on the GPU). The
+    GPU then holds about two layer inputs instead of one per layer. On a CPU it does nothing (one
+    log line).
     """
 
     def __init__(self, config: LlamaConfig | None = None, activation_checkpointing: bool | str = False,
                  loss_chunk_size: int = 4096, mlp_chunk_size: int | None = None, compile_blocks: bool = False,
-                 checkpointed_layers: int | None = None):
+                 checkpointed_layers: int | None = None, offload_checkpoints: bool = False):
         super().__init__()
         self.config = config = config or LlamaConfig()
         if checkpointed_layers is not None and (not isinstance(checkpointed_layers, int) or isinstance(
@@ -347,6 +367,11 @@ class LlamaForCausalLM(nn.Module):
         if not isinstance(compile_blocks, bool):
             raise SPConfigError(f"compile_blocks must be a bool, got {compile_blocks!r}")
         self.activation_checkpointing = checkpointing_mode(activation_checkpointing)
+        if not isinstance(offload_checkpoints, bool):
+            raise SPConfigError(f"offload_checkpoints must be a bool, got {offload_checkpoints!r}")
+        if offload_checkpoints:
+            _check_offload(self.activation_checkpointing)
+        self.checkpoint_offload = CheckpointOffload() if offload_checkpoints else None
         self.compile_blocks = compile_blocks
         self.loss_chunk_size = loss_chunk_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -377,9 +402,14 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)
         mode = checkpointing_mode(self.activation_checkpointing) if torch.is_grad_enabled() else "none"
         checkpointed = len(self.layers) if self.checkpointed_layers is None else self.checkpointed_layers
+        offload = self.checkpoint_offload
+        if offload is not None:
+            _check_offload(checkpointing_mode(self.activation_checkpointing))
+            offload = offload if mode == "full" and offload.begin(x.device) else None
         for i, layer in enumerate(self.layers):
+            hooks = offload.hooks(keep=i == checkpointed - 1) if offload is not None and i < checkpointed else None
             x = layer(x, position_ids, cu_seqlens, max_seqlen, checkpointing=mode if i < checkpointed else "none",
-                      compiled=self.compile_blocks)
+                      compiled=self.compile_blocks, saved_hooks=hooks)
         return self.norm(x)
 
     def logits(self, hidden):
