@@ -1,10 +1,11 @@
-"""Shared body of the torchrun checks (the reference project's test commands, mirrored):
+"""Shared body of the torchrun checks (the reference project's test commands, mirrored, and the
+numerics of ``numerics.py``):
 
     torchrun --nproc_per_node 8 tests/torchrun/test_zigzag_ring_flash_attn_func.py
 
 On GPUs (NCCL, bf16) each distributed error must stay within 1.3x the single-GPU kernel's own error
 against float64 (1.05x for pure Ulysses without KV-head replication); on CPU (gloo, float64) within
-1e-10. Exits non-zero on failure.
+1e-10. Exits non-zero on failure. ``python -m pytest -m gpu`` launches them (tests/gpu/).
 """
 from __future__ import annotations
 
@@ -16,9 +17,12 @@ import torch
 import torch.distributed as dist
 
 import lightning_sp
-from lightning_sp import layout as L
-from lightning_sp.attention.hybrid import unpack
-from lightning_sp.testing import kernel_errors, packed_leaves, reference_attention, sharded_rel_errors
+from lightning_sp.core import layout as L
+from lightning_sp.core.attention.hybrid import unpack
+from lightning_sp.core.testing import kernel_errors, packed_leaves, reference_attention, sharded_rel_errors
+
+NAMES = ("out", "dq", "dk", "dv")
+MODULES = ("LongContextAttention", "UlyssesAttention", "LongContextAttentionQKVPacked")
 
 
 def setup():
@@ -38,18 +42,40 @@ def inputs(S, heads, kv_heads, head_dim, device, dtype, seed=0):
     return q, k, v, dout
 
 
-def judge(name, errs, single, exact_split, dtype) -> bool:
-    names = ("out", "dq", "dk", "dv")
+def ratio_bound(ulysses: int, world: int, kv_heads: int) -> float:
+    """How far the distributed bf16 error may exceed the one-GPU kernel's: pure Ulysses is the
+    kernel's own arithmetic (1.05), unless KV heads were replicated: then, as in the ring, bf16
+    partial gradients of one KV head are summed (1.3)."""
+    return 1.05 if ulysses == world and kv_heads % ulysses == 0 else 1.3
+
+
+def judge(name, errs, single, bound, dtype) -> bool:
     if dtype == torch.float64:
         ok = max(errs) < 1e-10
-        detail = " ".join(f"{n} {e:.1e}" for n, e in zip(names, errs))
+        detail = " ".join(f"{n} {e:.1e}" for n, e in zip(NAMES, errs))
     else:
-        bound = 1.05 if exact_split else 1.3
         ok = all(e <= bound * s for e, s in zip(errs, single))
-        detail = " ".join(f"{n} {e:.2e} ({e / s:.2f}x)" for n, e, s in zip(names, errs, single))
+        detail = " ".join(f"{n} {e:.2e} ({e / s:.3f}x)" for n, e, s in zip(NAMES, errs, single))
+        detail += f" bound {bound}x"
     if dist.get_rank() == 0:
         print(f"{'PASS' if ok else 'FAIL'} {name}: {detail}", flush=True)
     return ok
+
+
+def attend(api, mesh, layout, q, k, v, dout, ref, causal, backend=None) -> list[float]:
+    """Relative errors of out, dq, dk, dv of one lightning_sp API (a function or module name) on the
+    whole sequence, sharded in ``layout`` over ``mesh``, against the float64 ``ref``."""
+    leaves = packed_leaves(api, *(L.shard(t, mesh, layout) for t in (q, k, v)))
+    if api in MODULES:
+        options = {} if api == "UlyssesAttention" else {"ring_impl": layout}
+        if backend is not None:
+            options["backend"] = backend
+        out = getattr(lightning_sp, api)(mesh, **options)(*leaves, causal=causal)
+    else:
+        out = getattr(lightning_sp, api)(*leaves, causal=causal)
+    out.backward(L.shard(dout, mesh, layout))
+    grads = unpack([t.grad for t in leaves])
+    return sharded_rel_errors([out.detach(), *grads], [L.shard(r, mesh, layout) for r in ref])
 
 
 def check_dense(apis, layout: str, ulysses_degrees=(1,), heads=8, kv_heads=8, head_dim=128, seq_per_rank=None):
@@ -67,20 +93,9 @@ def check_dense(apis, layout: str, ulysses_degrees=(1,), heads=8, kv_heads=8, he
             if world % u or heads % u:
                 continue
             mesh = lightning_sp.init_sp_mesh(ulysses_degree=u, ring_degree=world // u)
-            leaves = packed_leaves(api, *(L.shard(t, mesh, layout) for t in (q, k, v)))
-            if api in ("LongContextAttention", "UlyssesAttention", "LongContextAttentionQKVPacked"):
-                attn = getattr(lightning_sp, api)(mesh, **({} if api == "UlyssesAttention" else {"ring_impl": layout}))
-                out = attn(*leaves, causal=causal)
-            else:
-                out = getattr(lightning_sp, api)(*leaves, causal=causal)
-            out.backward(L.shard(dout, mesh, layout))
-            grads = unpack([t.grad for t in leaves])
-            errs = sharded_rel_errors([out.detach(), *grads], [L.shard(r, mesh, layout) for r in ref])
-            # pure Ulysses is the kernel's own arithmetic, unless KV heads were replicated: then, as in
-            # the ring, two bf16 partial gradients of one KV head are summed
-            exact_split = u == world and kv_heads % u == 0
+            errs = attend(api, mesh, layout, q, k, v, dout, ref, causal)
             ok &= judge(f"{api} {layout} ulysses={u} ring={world // u} causal={causal}", errs, single,
-                        exact_split, dtype)
+                        ratio_bound(u, world, kv_heads), dtype)
     finish(ok)
 
 
@@ -112,10 +127,61 @@ def check_varlen(api: str, layout: str, heads=8, kv_heads=8, head_dim=128, doc_l
             singles = [kernel_errors("auto", *(t[:, a:b] for t in (q, k, v, dout)), r, causal=causal)[1]
                        for (a, b), r in zip(zip(cu[:-1].tolist(), cu[1:].tolist()), refs)]
             single = [max(s[i] for s in singles) for i in range(4)]
-        ok &= judge(f"{api} {world} ranks causal={causal}", errs, single, False, dtype)
+        ok &= judge(f"{api} {world} ranks causal={causal}", errs, single, 1.3, dtype)
     finish(ok)
 
 
+def splits(world: int) -> list[tuple[int, int]]:
+    """Every (ulysses, ring) degree pair of the world."""
+    return [(u, world // u) for u in range(1, world + 1) if world % u == 0]
+
+
+def numerics(seq_lens, heads, kv_heads, head_dim, backends, layouts, causal, device, dtype):
+    """LongContextAttention with each backend, over every (ulysses, ring) split of the world and every
+    layout, against float64 next to the same kernel's error on the whole sequence on one device.
+    Returns (records, ok); a backend that cannot run the case is a failure, named on rank 0."""
+    from lightning_sp.core.errors import KernelError
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    rows, ok = [], True
+    for S in seq_lens:
+        q, k, v, dout = inputs(S, heads, kv_heads, head_dim, device, dtype, seed=S)
+        ref = reference_attention(q, k, v, dout, causal=causal)
+        for backend in backends:
+            try:
+                kernel_name, single = kernel_errors(backend, q, k, v, dout, ref, causal=causal)
+            except KernelError as exc:
+                ok = False
+                if rank == 0:
+                    print(f"FAIL S={S} backend={backend} cannot run: {exc}", flush=True)
+                continue
+            for u, r in splits(world):
+                mesh = lightning_sp.init_sp_mesh(ulysses_degree=u, ring_degree=r)
+                for layout in (layouts if r > 1 else ["contiguous"]):
+                    errs = attend("LongContextAttention", mesh, layout, q, k, v, dout, ref, causal, backend)
+                    bound = ratio_bound(u, world, kv_heads)
+                    passed = judge(f"S={S} {kernel_name} u{u}xr{r} {layout}", errs, single, bound, dtype)
+                    ok &= passed
+                    rows.append(dict(seq_len=S, backend=kernel_name, ulysses=u, ring=r, layout=layout,
+                                     **{f"{n}_err": e for n, e in zip(NAMES, errs)},
+                                     **{f"{n}_single": e for n, e in zip(NAMES, single)},
+                                     **{f"{n}_ratio": _ratio(e, s) for n, e, s in zip(NAMES, errs, single)},
+                                     bound=bound, passed=passed))
+        del q, k, v, dout, ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows, ok
+
+
+def _ratio(err: float, single: float) -> float:
+    """err / single; an exact one-device kernel (the float64 reference) gives 1 if ours is exact too."""
+    if single > 0:
+        return err / single
+    return 1.0 if err == 0 else float("inf")
+
+
 def finish(ok: bool):
+    # every rank waits before the groups go (without it gloo aborted a rank now and then on CPU)
+    dist.barrier()
     dist.destroy_process_group()
     sys.exit(0 if ok else 1)
