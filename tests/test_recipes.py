@@ -228,4 +228,44 @@ def test_main_job_trains_the_tiny_model_with_a_falling_loss(tmp_path):
     assert len(losses) >= 50 and losses[-1] < losses[0] / 5, f"loss did not fall: {losses}"
     assert any(r.get("train/tokens_per_s") for r in rows)
     assert "predicted next token" in run.stdout
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()  # checkpointing is on by default
     print(f"main job: {seconds:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.4f}")
+
+
+def _run_recipe(run_dir, *overrides, timeout=400):
+    run = subprocess.run([sys.executable, str(ROOT / "recipes" / "train.py"), f"hydra.run.dir={run_dir}", *overrides],
+                         cwd=run_dir.parent, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def _logged_losses(version_dir) -> dict[int, float]:
+    with open(version_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_recipe_resumes_from_a_checkpoint_file_and_from_last_with_other_splits(tmp_path):
+    """ulysses 2 x ring 2 saves epoch=0-step=4.ckpt; ulysses 1 x ring 4 resumes from that file (a name
+    with `=`, quoted for Hydra) to step 8, saving last.ckpt; ulysses 4 x ring 1 resumes with ckpt_path=last
+    to step 10. Each resumed run logs the steps after the checkpoint's and the uninterrupted run's losses."""
+    smoke = ["experiment=cpu_smoke", "trainer.callbacks.model_checkpoint.every_n_train_steps=4"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _run_recipe(full, *smoke, "trainer.max_steps=10", "trainer.callbacks.model_checkpoint.save_top_k=-1")
+    step4 = full / "checkpoints" / "epoch=0-step=4.ckpt"
+    assert sorted(p.name for p in step4.parent.iterdir()) == ["epoch=0-step=4.ckpt", "epoch=0-step=8.ckpt", "last.ckpt"]
+    want = _logged_losses(full / "logs" / "version_0")
+    assert sorted(want) == list(range(10))
+
+    _run_recipe(resumed, *smoke, "trainer.max_steps=8", "strategy.ulysses_degree=1", "strategy.ring_degree=4",
+                f"ckpt_path='{step4}'")
+    got = _logged_losses(resumed / "logs" / "version_0")
+    assert sorted(got) == [4, 5, 6, 7], f"training did not continue from step 4: {got}"
+    _run_recipe(resumed, *smoke, "trainer.max_steps=10", "strategy.ulysses_degree=4", "strategy.ring_degree=1",
+                "ckpt_path=last")
+    got.update(_logged_losses(resumed / "logs" / "version_1"))
+    assert sorted(got) == list(range(4, 10)), f"ckpt_path=last did not continue from step 8: {got}"
+    # float32 with another split: the reductions run in another order, so the curves agree to rounding
+    for step, loss in got.items():
+        assert loss == pytest.approx(want[step], rel=1e-4), (step, loss, want[step])
