@@ -17,4 +17,8 @@ def worlds():
     yield get
     for world in started.values():
         world.stop()
+
+
+# tests/torchrun/ holds torchrun scripts, not pytest modules: tests/gpu/test_gpu_distributed.py
+# launches each of them (its tests are collected everywhere and skip, saying why, without the GPUs)
 collect_ignore = ["torchrun"]

@@ -16,10 +16,13 @@ import sys
 import torch
 import torch.distributed as dist
 
-import lightning_sp
-from lightning_sp.core import layout as L
-from lightning_sp.core.attention.hybrid import unpack
-from lightning_sp.core.testing import kernel_errors, packed_leaves, reference_attention, sharded_rel_errors
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, ROOT)  # lightning_sp, uninstalled
+import lightning_sp  # noqa: E402
+from lightning_sp.core import layout as L  # noqa: E402
+from lightning_sp.core.attention.hybrid import unpack  # noqa: E402
+from lightning_sp.core.testing import (kernel_errors, packed_leaves, reference_attention,  # noqa: E402
+                                       sharded_rel_errors)
 
 NAMES = ("out", "dq", "dk", "dv")
 MODULES = ("LongContextAttention", "UlyssesAttention", "LongContextAttentionQKVPacked")

@@ -22,9 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from common import finish, numerics, setup
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import ROOT, finish, numerics, setup
 
 
 def main(argv=None):

@@ -10,11 +10,11 @@ import sys
 import torch
 import torch.distributed as dist
 
+from common import finish, inputs, setup  # first: it puts an uninstalled lightning_sp on the path
 import lightning_sp
-from lightning_sp import comm
-from lightning_sp import layout as L
-from common import inputs, setup
-from lightning_sp.testing import kernel_errors, reference_attention, sharded_rel_errors
+from lightning_sp.core import comm
+from lightning_sp.core import layout as L
+from lightning_sp.core.testing import kernel_errors, reference_attention, sharded_rel_errors
 
 
 def report(ok, name):
@@ -89,6 +89,4 @@ if __name__ == "__main__":
     if device.type != "cuda":
         print("SKIP: the copy-engine transport needs CUDA GPUs")
         sys.exit(0)
-    ok = primitives(device) & attention(device, dtype)
-    dist.destroy_process_group()
-    sys.exit(0 if ok else 1)
+    finish(primitives(device) & attention(device, dtype))
