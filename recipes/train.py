@@ -6,10 +6,13 @@ Resume with `ckpt_path=<file>` or `ckpt_path=last` (conf/train.yaml).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -26,6 +29,15 @@ def build(cfg: DictConfig):
     return trainer, module, datamodule
 
 
+def resume_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """``cfg.ckpt_path`` (a file, ``last`` or null), except in a requeued SLURM job: there None, so that
+    Lightning resumes from the job's own newest ``hpc_ckpt_<n>.ckpt``, written after the file the first
+    job started from (with a path given, Lightning would start from that file again)."""
+    if SLURMEnvironment.detect() and any(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")):
+        return None
+    return cfg.ckpt_path
+
+
 def prompt_batch(datamodule) -> dict:
     """The first training sample, cut before its answer, as a prediction batch."""
     sample = datamodule.train[0]
@@ -38,7 +50,7 @@ def prompt_batch(datamodule) -> dict:
 def main(cfg: DictConfig) -> float:
     L.seed_everything(cfg.seed, workers=True)
     trainer, module, datamodule = build(cfg)
-    trainer.fit(module, datamodule, ckpt_path=cfg.ckpt_path)
+    trainer.fit(module, datamodule, ckpt_path=resume_path(cfg, trainer))
     loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(float("nan"))))
     if cfg.predict_after_fit:
         batch = prompt_batch(datamodule)

@@ -120,6 +120,21 @@ def test_ckpt_path_with_equals_signs_is_given_quoted_or_escaped(override, tmp_pa
         _compose(["ckpt_path=/x/epoch=0-step=100.ckpt"], tmp_path)
 
 
+def test_a_requeued_slurm_job_resumes_from_its_hpc_checkpoint_not_from_ckpt_path(tmp_path, monkeypatch):
+    recipe = _recipe()
+    cfg = _compose(["ckpt_path=last"], tmp_path)
+    trainer = recipe.build(cfg)[0]
+    for var in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "hpc_ckpt_1.ckpt").touch()
+    assert recipe.resume_path(cfg, trainer) == "last"  # not under SLURM: the option as given
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert recipe.resume_path(cfg, trainer) is None  # Lightning then takes the newest hpc_ckpt_<n>.ckpt
+    (tmp_path / "hpc_ckpt_1.ckpt").unlink()
+    assert recipe.resume_path(cfg, trainer) == "last"  # the first job of a SLURM run
+
+
 def test_the_large_experiment_is_the_documented_shape(tmp_path):
     cfg = _compose(["experiment=h100x2_128k"], tmp_path)
     assert cfg.data.train.seq_len == 131072 and cfg.trainer.devices == 2 and cfg.trainer.accelerator == "gpu"
