@@ -12,11 +12,15 @@ import sys as _sys
 from .core import kernels, layout, loss
 from .core.attention import (LongContextAttention, LongContextAttentionQKVPacked, UlyssesAttention,
                              long_context_attention, packed_long_context_attention, ring_mesh)
-from .core.attention.functional import *  # noqa: F401,F403  (the seed-compatible functions)
-from .core.attention.functional import __all__ as _functions
+from .core.attention.functional import (  # ring-flash-attention's functions
+    ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_func, ring_flash_attn_varlen_func,
+    ring_flash_attn_varlen_kvpacked_func, ring_flash_attn_varlen_qkvpacked_func, stripe_flash_attn_func,
+    stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func, zigzag_ring_flash_attn_func,
+    zigzag_ring_flash_attn_kvpacked_func, zigzag_ring_flash_attn_qkvpacked_func, zigzag_ring_flash_attn_varlen_func,
+    zigzag_ring_flash_attn_varlen_kvpacked_func, zigzag_ring_flash_attn_varlen_qkvpacked_func)
+from .core.config import SPConfig
 from .core.errors import KernelError, SPConfigError
 from .core.loss import TokenLoss
-from .core.config import SPConfig
 from .core.mesh import SPMesh, build_mesh, init_sp_mesh
 from .integration import UlyssesRingFSDPStrategy, UlyssesRingStrategy, register_strategies
 from .app.models import swap_attention
@@ -45,7 +49,14 @@ def _install_aliases() -> None:
 _install_aliases()
 
 __version__ = "0.1.0"
-__all__ = ["KernelError", "LongContextAttention", "LongContextAttentionQKVPacked", "SPConfig", "SPConfigError", "SPMesh",
-           "TokenLoss", "UlyssesAttention", "UlyssesRingFSDPStrategy", "UlyssesRingStrategy", "build_mesh", "init_sp_mesh",
-           "kernels", "layout", "long_context_attention", "loss", "packed_long_context_attention",
-           "register_strategies", "ring_mesh", "swap_attention", *sorted(_functions)]
+__all__ = ["KernelError", "LongContextAttention", "LongContextAttentionQKVPacked", "SPConfig", "SPConfigError",
+           "SPMesh", "TokenLoss", "UlyssesAttention", "UlyssesRingFSDPStrategy", "UlyssesRingStrategy", "build_mesh",
+           "init_sp_mesh", "kernels", "layout", "long_context_attention", "loss", "packed_long_context_attention",
+           "register_strategies", "ring_mesh", "swap_attention",
+           "ring_flash_attn_func", "ring_flash_attn_kvpacked_func", "ring_flash_attn_qkvpacked_func",
+           "ring_flash_attn_varlen_func", "ring_flash_attn_varlen_kvpacked_func",
+           "ring_flash_attn_varlen_qkvpacked_func", "stripe_flash_attn_func",
+           "stripe_flash_attn_kvpacked_func", "stripe_flash_attn_qkvpacked_func",
+           "zigzag_ring_flash_attn_func", "zigzag_ring_flash_attn_kvpacked_func",
+           "zigzag_ring_flash_attn_qkvpacked_func", "zigzag_ring_flash_attn_varlen_func",
+           "zigzag_ring_flash_attn_varlen_kvpacked_func", "zigzag_ring_flash_attn_varlen_qkvpacked_func"]

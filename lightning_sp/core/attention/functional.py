@@ -1,28 +1,23 @@
-"""ring-flash-attention's functional names, generated from one table.
+"""ring-flash-attention's functional API: the same names and arguments, each a thin ``def`` over one
+implementation (:func:`_attend`).
 
 Each takes this rank's tokens in its function's layout and the same arguments as the original:
 ``(q, k, v | q, kv | qkv, [cu_seqlens, max_seqlen,] dropout_p=0.0, softmax_scale=None,
 causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
-return_attn_probs=False, group=None)``. ``group`` is the ring's process group (default: the world).
-With ``return_attn_probs`` the result is ``(out, softmax_lse, None)`` as in flash-attn, lse (b, h, s)
-in float32 (or (h, t) for varlen).
+return_attn_probs=False, group=None)``. ``group`` is the ring's process group (default: the world);
+``dropout_p`` and ``alibi_slopes`` are not supported (an error names the fix); ``deterministic`` is
+accepted for compatibility (every backward here is deterministic given its kernel). The varlen
+forms take (tokens, heads, head_dim) tensors with this rank's ``cu_seqlens`` (those of
+:func:`lightning_sp.core.layout.shard_documents`). With ``return_attn_probs`` the result is
+``(out, softmax_lse, None)`` as in flash-attn, lse (b, h, s) in float32 (or (h, t) for varlen).
 """
 from __future__ import annotations
-
-import inspect
 
 import torch.distributed as dist
 
 from ..config import SPConfig
 from ..mesh import SPMesh, single_process_mesh
 from .hybrid import packed_long_context_attention, reject_unsupported
-
-_P = inspect.Parameter
-_OPTIONS = (("dropout_p", 0.0), ("softmax_scale", None), ("causal", False), ("window_size", (-1, -1)),
-            ("alibi_slopes", None), ("deterministic", False), ("return_attn_probs", False), ("group", None))
-_PACKINGS = {"": ("q", "k", "v"), "kvpacked_": ("q", "kv"), "qkvpacked_": ("qkv",)}
-_FAMILIES = {"ring_flash_attn": "contiguous", "zigzag_ring_flash_attn": "zigzag", "stripe_flash_attn": "stripe"}
-_VARLEN_FAMILIES = ("ring_flash_attn", "zigzag_ring_flash_attn")
 
 
 def ring_mesh(group=None) -> SPMesh:
@@ -35,32 +30,155 @@ def ring_mesh(group=None) -> SPMesh:
     return SPMesh(config=config, ring_rank=dist.get_rank(group), ring_ranks=ranks, ring_group=group, sp_group=group)
 
 
-def _make(family: str, packing: str, varlen: bool):
-    layout = _FAMILIES[family]
-    names = _PACKINGS[packing] + (("cu_seqlens", "max_seqlen") if varlen else ())
-    signature = inspect.Signature([_P(n, _P.POSITIONAL_OR_KEYWORD) for n in names]
-                                  + [_P(n, _P.POSITIONAL_OR_KEYWORD, default=d) for n, d in _OPTIONS])
-
-    def attention(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
-        reject_unsupported(a["dropout_p"], a["alibi_slopes"])
-        inputs = tuple(a[name] for name in _PACKINGS[packing])  # packed tensors stay packed
-        out, lse = packed_long_context_attention(
-            inputs, ring_mesh(a["group"]), layout, causal=a["causal"], softmax_scale=a["softmax_scale"],
-            window_size=a["window_size"], cu_seqlens=a.get("cu_seqlens"), max_seqlen=a.get("max_seqlen"),
-            return_lse=True)
-        return (out, lse.transpose(-1, -2), None) if a["return_attn_probs"] else out
-
-    attention.__name__ = attention.__qualname__ = f"{family}_{'varlen_' if varlen else ''}{packing}func"
-    attention.__signature__ = signature
-    attention.__doc__ = (f"Ring attention in the {layout} layout{' over packed documents' if varlen else ''}; "
-                         f"see lightning_sp.attention.functional.")
-    return attention
+def _attend(layout, inputs, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+            return_attn_probs, group):
+    """The one implementation behind every function of this module."""
+    reject_unsupported(dropout_p, alibi_slopes)
+    out, lse = packed_long_context_attention(
+        inputs, ring_mesh(group), layout, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, return_lse=True)
+    return (out, lse.transpose(-1, -2), None) if return_attn_probs else out
 
 
-FUNCTIONS = {f.__name__: f for f in (_make(fam, pk, vl) for fam in _FAMILIES for pk in _PACKINGS
-                                     for vl in ((False, True) if fam in _VARLEN_FAMILIES else (False,)))}
-globals().update(FUNCTIONS)
-__all__ = sorted(FUNCTIONS)
+def ring_flash_attn_func(
+        q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+        deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on one sequence, this rank's tokens in the contiguous layout, given as
+    q, k, v."""
+    return _attend("contiguous", (q, k, v), None, None, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def ring_flash_attn_kvpacked_func(
+        q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+        deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on one sequence, this rank's tokens in the contiguous layout, given as
+    q and kv (k, v stacked along dim -3)."""
+    return _attend("contiguous", (q, kv), None, None, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def ring_flash_attn_qkvpacked_func(
+        qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+        deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on one sequence, this rank's tokens in the contiguous layout, given as
+    qkv (q, k, v stacked along dim -3)."""
+    return _attend("contiguous", (qkv,), None, None, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def ring_flash_attn_varlen_func(
+        q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+        alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on packed documents (this rank's ``cu_seqlens``), this rank's tokens in the
+    contiguous layout, given as q, k, v."""
+    return _attend("contiguous", (q, k, v), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def ring_flash_attn_varlen_kvpacked_func(
+        q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+        alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on packed documents (this rank's ``cu_seqlens``), this rank's tokens in the
+    contiguous layout, given as q and kv (k, v stacked along dim -3)."""
+    return _attend("contiguous", (q, kv), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def ring_flash_attn_varlen_qkvpacked_func(
+        qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+        alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on packed documents (this rank's ``cu_seqlens``), this rank's tokens in the
+    contiguous layout, given as qkv (q, k, v stacked along dim -3)."""
+    return _attend("contiguous", (qkv,), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_func(
+        q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+        deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on one sequence, this rank's tokens in the zigzag layout, given as
+    q, k, v."""
+    return _attend("zigzag", (q, k, v), None, None, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_kvpacked_func(
+        q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+        deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on one sequence, this rank's tokens in the zigzag layout, given as
+    q and kv (k, v stacked along dim -3)."""
+    return _attend("zigzag", (q, kv), None, None, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_qkvpacked_func(
+        qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+        deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on one sequence, this rank's tokens in the zigzag layout, given as
+    qkv (q, k, v stacked along dim -3)."""
+    return _attend("zigzag", (qkv,), None, None, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_varlen_func(
+        q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+        alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on packed documents (this rank's ``cu_seqlens``), this rank's tokens in the
+    zigzag layout, given as q, k, v."""
+    return _attend("zigzag", (q, k, v), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_varlen_kvpacked_func(
+        q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+        alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on packed documents (this rank's ``cu_seqlens``), this rank's tokens in the
+    zigzag layout, given as q and kv (k, v stacked along dim -3)."""
+    return _attend("zigzag", (q, kv), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def zigzag_ring_flash_attn_varlen_qkvpacked_func(
+        qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+        alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on packed documents (this rank's ``cu_seqlens``), this rank's tokens in the
+    zigzag layout, given as qkv (q, k, v stacked along dim -3)."""
+    return _attend("zigzag", (qkv,), cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def stripe_flash_attn_func(
+        q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+        deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on one sequence, this rank's tokens in the stripe layout, given as
+    q, k, v."""
+    return _attend("stripe", (q, k, v), None, None, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def stripe_flash_attn_kvpacked_func(
+        q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+        deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on one sequence, this rank's tokens in the stripe layout, given as
+    q and kv (k, v stacked along dim -3)."""
+    return _attend("stripe", (q, kv), None, None, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+def stripe_flash_attn_qkvpacked_func(
+        qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+        deterministic=False, return_attn_probs=False, group=None):
+    """Ring attention over ``group`` on one sequence, this rank's tokens in the stripe layout, given as
+    qkv (q, k, v stacked along dim -3)."""
+    return _attend("stripe", (qkv,), None, None, dropout_p, softmax_scale, causal, window_size,
+                   alibi_slopes, return_attn_probs, group)
+
+
+__all__ = ["ring_flash_attn_func", "ring_flash_attn_kvpacked_func", "ring_flash_attn_qkvpacked_func",
+           "ring_flash_attn_varlen_func", "ring_flash_attn_varlen_kvpacked_func",
+           "ring_flash_attn_varlen_qkvpacked_func", "stripe_flash_attn_func",
+           "stripe_flash_attn_kvpacked_func", "stripe_flash_attn_qkvpacked_func",
+           "zigzag_ring_flash_attn_func", "zigzag_ring_flash_attn_kvpacked_func",
+           "zigzag_ring_flash_attn_qkvpacked_func", "zigzag_ring_flash_attn_varlen_func",
+           "zigzag_ring_flash_attn_varlen_kvpacked_func", "zigzag_ring_flash_attn_varlen_qkvpacked_func"]
