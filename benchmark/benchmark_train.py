@@ -11,7 +11,18 @@ fresh launch (a subprocess that starts a Trainer, whose own launcher starts the 
 out-of-memory error or a crash on one rank cannot leave another rank blocked in a collective and
 stop the sweep: the launch is ended (its whole process group), recorded with ``completed: false``
 and the error, and the sweep goes on. ``--find_max`` then keeps doubling the longest length until
-one fails (or passes ``--max_seq_len``) and reports the longest that completed its steps.
+one fails (or passes ``--max_seq_len``) and reports the longest that completed its steps, the first
+that failed and what stopped it: ``memory`` (out of memory, or the launch killed by the system),
+``time`` (``--launch_timeout``, or a next length whose launch would outlast it: the longest
+completed launch's step time x (length ratio)^2, the attention's scaling) or ``error``. With
+``--find_max_state FILE`` each call launches ONE length and keeps the search in FILE (per card and
+configuration), so that successive calls, each within a time limit, continue it;
+``--find_max_resolution N`` then also bisects between the longest success and the first failure
+until they are N tokens apart.
+
+``--offload`` is the model's ``offload_checkpoints`` (with ``--checkpointing full``): the layer inputs
+that full checkpointing keeps go to pinned host memory. Every record has the peak host memory
+besides the GPU's: resident memory (RSS) and pinned memory per rank, and the offload's own host bytes.
 
 Timing: a callback synchronizes the GPU at the end of every training step; a step's time is the
 interval between the ends of consecutive steps (the whole loop: data, sharding, forward, backward,
@@ -92,6 +103,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="apply --checkpointing to the first N layers only (default: the model config's, all)")
     p.add_argument("--mlp_chunk_size", type=int, default=None,
                    help="tokens per MLP chunk, recomputed in the backward (default: the model config's)")
+    p.add_argument("--offload", action="store_true", default=None,
+                   help="offload_checkpoints: full checkpointing's layer inputs in pinned host memory, copied on a side "
+                        "stream, prefetched a layer ahead (needs --checkpointing full, or the yaml's full) (default: "
+                        "the model config's)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="compile_blocks: torch.compile each layer's parts around the core attention (norms, "
                         "projections, RoPE, MLP, residuals; compiled in the warmup) (default: the model config's)")
@@ -108,8 +123,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "none on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--find_max", action="store_true",
-                   help="after the given lengths, keep doubling the longest until one fails or passes --max_seq_len")
+                   help="after the given lengths, keep doubling the longest until one fails or passes --max_seq_len; "
+                        "report the longest that completed, the first that failed and why (memory, time, error)")
     p.add_argument("--max_seq_len", type=int, default=1 << 20, help="--find_max stops above this length")
+    p.add_argument("--find_max_state", default=None, metavar="FILE",
+                   help="--find_max launches one length per call and keeps the search (per card and configuration) "
+                        "in this JSON file: call again to continue it")
+    p.add_argument("--find_max_resolution", type=int, default=0,
+                   help="with --find_max: after the first failure, bisect until the longest success and the first "
+                        "failure are this many tokens apart (0: doubling only)")
     p.add_argument("--launch_timeout", type=float, default=1800, help="seconds per launch before it is killed")
     p.add_argument("--dist_timeout", type=float, default=600,
                    help="seconds a collective may wait (the process group's timeout) before the rank gives up")
@@ -127,6 +149,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.backend = LOCAL if args.strategy == "ddp" else "auto"
     if args.backend == LOCAL and args.strategy != "ddp":
         p.error(f"--backend {LOCAL} is the model's own attention, for --strategy ddp only")
+    if args.offload and (args.checkpointing or _mode(load_model_config(args.model)[1].get(
+            "activation_checkpointing"))) != "full":
+        p.error("--offload moves the layer inputs that full checkpointing keeps: add --checkpointing full")
+    if args.find_max_state and not args.find_max:
+        p.error("--find_max_state is the state of a --find_max search: add --find_max")
     if args.accelerator is None:
         args.accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     if args.precision is None:
@@ -216,23 +243,34 @@ def _make_timer(spec: dict):
             self.ends.append(time.perf_counter())
 
         def on_train_end(self, trainer, pl_module):
+            from lightning_sp.app.callbacks import memory_peaks
+
             device = pl_module.device
             marks = [self.start, *self.ends]
             times = [b - a for a, b in zip(marks[:-1], marks[1:])]
             cuda = device.type == "cuda"
             mem = [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)] if cuda else [0, 0]
-            mine = torch.tensor([*times, *mem], dtype=torch.float64, device=device)
+            peaks = memory_peaks(device)
+            offload = getattr(pl_module.model, "checkpoint_offload", None)
+            host = [peaks["host_rss"], peaks["pinned"] or 0.0,  # GiB
+                    offload.peak_host_bytes / 2**30 if offload is not None else 0.0]
+            mine = torch.tensor([*times, *mem, *host], dtype=torch.float64, device=device)
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
                 dist.all_gather(every, mine)
             else:
                 every = [mine]
-            table = torch.stack(every).cpu()  # (ranks, steps + 2)
+            table = torch.stack(every).cpu()  # (ranks, steps + 5)
             steps = table[:, :len(times)].max(0).values.tolist()  # each step: the slowest rank
-            gib = (table[:, -2:] / 2**30).tolist() if cuda else None
+            n = len(times)
+            gib = (table[:, n:n + 2] / 2**30).tolist() if cuda else None
+            host = table[:, n + 2:].tolist()
             self.result = dict(all_step_times_s=steps,
                                peak_mem_gib_per_rank=[row[0] for row in gib] if cuda else None,
-                               peak_reserved_gib_per_rank=[row[1] for row in gib] if cuda else None)
+                               peak_reserved_gib_per_rank=[row[1] for row in gib] if cuda else None,
+                               peak_host_rss_gib_per_rank=[row[0] for row in host],
+                               peak_pinned_gib_per_rank=[row[1] for row in host] if peaks["pinned"] is not None else None,
+                               offload_host_gib_per_rank=[row[2] for row in host] if offload is not None else None)
 
     return StepTimer()
 
@@ -306,6 +344,8 @@ def worker(spec_path: str) -> int:
         model_kwargs["checkpointed_layers"] = spec["checkpointed_layers"]
     if spec["compile"] is not None:
         model_kwargs["compile_blocks"] = spec["compile"]
+    if spec["offload"] is not None:
+        model_kwargs["offload_checkpoints"] = spec["offload"]
     config = LlamaConfig(**config_kwargs)
     kernel_backend = None if spec["strategy"] != "ddp" or spec["backend"] == LOCAL else spec["backend"]
     module = CausalLM(functools.partial(build_model, config_kwargs, model_kwargs, kernel_backend),
@@ -355,7 +395,8 @@ def worker(spec_path: str) -> int:
         checkpointing=checkpointing_mode(model_kwargs.get("activation_checkpointing")),
         checkpointed_layers=model_kwargs.get("checkpointed_layers"),
         mlp_chunk_size=model_kwargs.get("mlp_chunk_size"), loss_chunk_size=model_kwargs.get("loss_chunk_size"),
-        compile=bool(model_kwargs.get("compile_blocks", False)), transport=comm.current_transport(),
+        compile=bool(model_kwargs.get("compile_blocks", False)), offload=bool(model_kwargs.get("offload_checkpoints")),
+        transport=comm.current_transport(),
         config=dataclasses.asdict(config), num_params=config.num_params(), flops_params=n_flops,
         flops_params_note="parameters in the 6N term: all but the input embedding lookup (tied embeddings count "
                           "once, as the LM head)",
@@ -366,12 +407,21 @@ def worker(spec_path: str) -> int:
         mfu=tokens_per_s * flops_token / (peak * 1e12 * world) if peak else None,
         peak_mem_gib=max(per_rank) if per_rank else None, peak_mem_gib_per_rank=per_rank,
         peak_reserved_gib=max(timer.result["peak_reserved_gib_per_rank"]) if per_rank else None,
+        **_host_fields(timer.result),
         final_loss=metrics.get("train/loss"),
         module_logged={k: v for k, v in metrics.items() if k in ("train/tokens_per_s", "train/mfu")},
         profile=profiler.summary if profiler else None, lightning=L.__version__, alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), completed=True, error=None)
     with open(spec["record"], "w") as f:
         json.dump(record, f, default=str)
     return 0
+
+
+def _host_fields(result: dict) -> dict:
+    """The record's host-memory fields (GiB) from the ranks' peaks."""
+    rss, pinned, offload = (result[f"{k}_per_rank"] for k in ("peak_host_rss_gib", "peak_pinned_gib", "offload_host_gib"))
+    return dict(peak_host_rss_gib=max(rss), peak_host_rss_gib_per_rank=rss, peak_host_rss_gib_sum=sum(rss),
+                peak_pinned_gib=max(pinned) if pinned else None, peak_pinned_gib_per_rank=pinned,
+                offload_host_gib=max(offload) if offload else None, offload_host_gib_per_rank=offload)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,21 +440,25 @@ def _clean_env(gpu: bool) -> dict:
     return env
 
 
-def _error_from(output: str, rc: int | None, timed_out: bool) -> tuple[str, bool]:
-    """(error text, out of memory?) from a failed launch's output."""
+def _error_from(output: str, rc: int | None, timed_out: bool) -> tuple[str, str]:
+    """(error text, cause: "memory", "time" or "error") from a failed launch's output."""
     lines = [l for l in output.splitlines() if l.strip()]
     oom = [l for l in lines if any(w in l for w in OOM_WORDS)]
     if oom:
-        return oom[-1].strip()[:1000], True
+        return oom[-1].strip()[:1000], "memory"
     if timed_out:
-        return "launch timed out (killed)", False
+        return "launch timed out (killed)", "time"
     errors = [l for l in lines if "Error" in l or "Exception" in l]
-    return ((errors[-1].strip()[:1000] + "; ") if errors else "") + f"launch exited with status {rc}", False
+    error = ((errors[-1].strip()[:1000] + "; ") if errors else "") + f"launch exited with status {rc}"
+    if rc == -signal.SIGKILL:  # we kill only after the launch ended: the system did (its OOM killer, host memory)
+        return error + " (killed by SIGKILL: the system's out-of-memory killer?)", "memory"
+    return error, "error"
 
 
 def launch(args: argparse.Namespace, seq_len: int, workdir: str) -> dict:
     """Run one length in a fresh launch; the worker's record, or one saying why there is none."""
-    spec = {k: v for k, v in vars(args).items() if k not in ("worker", "seq_len", "out", "find_max", "quiet")}
+    spec = {k: v for k, v in vars(args).items()
+            if k not in ("worker", "seq_len", "out", "find_max", "find_max_state", "find_max_resolution", "quiet")}
     spec.update(seq_len=seq_len, record=os.path.join(workdir, f"record_{seq_len}.json"))
     spec_path = os.path.join(workdir, f"spec_{seq_len}.json")
     with open(spec_path, "w") as f:
@@ -440,10 +494,10 @@ def launch(args: argparse.Namespace, seq_len: int, workdir: str) -> dict:
         with open(spec["record"]) as f:
             return {**base, **json.load(f)}
     output = "".join(tail)
-    error, oom = _error_from(output, rc, timed_out)
+    error, cause = _error_from(output, rc, timed_out)
     if args.quiet:
         print("".join(list(tail)[-40:]), end="", flush=True)
-    return {**base, "completed": False, "oom": oom, "rc": rc, "error": error}
+    return {**base, "completed": False, "oom": cause == "memory", "cause": cause, "rc": rc, "error": error}
 
 
 def finish_record(args: argparse.Namespace, record: dict, started: str) -> dict:
@@ -457,6 +511,7 @@ def finish_record(args: argparse.Namespace, record: dict, started: str) -> dict:
     record.setdefault("checkpointing", args.checkpointing or _mode(model.get("activation_checkpointing")))
     record.setdefault("mlp_chunk_size", args.mlp_chunk_size or model.get("mlp_chunk_size"))
     record.setdefault("compile", bool(model.get("compile_blocks", False) if args.compile is None else args.compile))
+    record.setdefault("offload", bool(model.get("offload_checkpoints", False) if args.offload is None else args.offload))
     return {**head, **record, "args": {k: v for k, v in vars(args).items() if k != "worker"}}
 
 
@@ -480,46 +535,150 @@ def _mode(value) -> str:
 
 
 def describe(r: dict) -> str:
-    tag = (f"train {r['model']} {r['strategy']} S={r['seq_len']} ckpt={r.get('checkpointing')} "
-           f"backend={r['backend']}{' compiled' if r.get('compile') else ''}")
+    tag = (f"train {r['model']} {r['strategy']} S={r['seq_len']} ckpt={r.get('checkpointing')}"
+           f"{' offload' if r.get('offload') else ''} backend={r['backend']}{' compiled' if r.get('compile') else ''}")
     if not r.get("completed"):
         return f"{tag}: FAILED{' (out of memory)' if r.get('oom') else ''} {r['error'][:300]}"
     mfu = f", MFU {100 * r['mfu']:.1f}%" if r.get("mfu") is not None else ""
     mem = f", peak {r['peak_mem_gib']:.1f} GiB" if r.get("peak_mem_gib") is not None else ""
+    mem += f", host RSS {r['peak_host_rss_gib']:.1f} GiB" if r.get("peak_host_rss_gib") is not None else ""
+    mem += f" (offload {r['offload_host_gib']:.1f} GiB)" if r.get("offload_host_gib") is not None else ""
     return (f"{tag} u{r['ulysses']}xr{r['ring']}xdp{r['dp']} kernel={r['kernel']}: {r['step_time_s']:.3f} s/step, "
             f"{r['tokens_per_s']:,.0f} tokens/s, {r['tflops_per_gpu']:.1f} TFLOP/s per GPU{mfu}{mem}")
 
 
+# ---------------------------------------------------------------------------------------------
+# The search for the longest length (--find_max)
+
+
+def search_key(args: argparse.Namespace, card: str) -> str:
+    """What a --find_max search is about: the card and every argument that changes memory or time."""
+    _, model = load_model_config(args.model)
+    fields = dict(card=card, model=args.model, strategy=args.strategy, devices=args.devices,
+                  ulysses=args.ulysses_degree, ring=args.ring_degree, layout=args.ring_impl, backend=args.backend,
+                  precision=args.precision, checkpointing=args.checkpointing or _mode(model.get("activation_checkpointing")),
+                  checkpointed_layers=args.checkpointed_layers or model.get("checkpointed_layers"),
+                  mlp_chunk_size=args.mlp_chunk_size or model.get("mlp_chunk_size"),
+                  compile=bool(model.get("compile_blocks") if args.compile is None else args.compile),
+                  offload=bool(model.get("offload_checkpoints") if args.offload is None else args.offload),
+                  bucket_view=args.gradient_as_bucket_view, warmup=args.warmup, steps=args.steps)
+    return " ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def next_length(tried: dict[int, dict], start: int, max_seq_len: int, resolution: int = 0) -> int | None:
+    """The length to try next (None: the search is over): ``start``, then double the longest that
+    completed until one fails or passes ``max_seq_len``; with ``resolution``, then halve the gap between
+    the longest success and the first failure above it while it is wider than ``resolution`` tokens."""
+    longest = max((s for s, o in tried.items() if o["completed"]), default=None)
+    first_failed = min((s for s, o in tried.items() if not o["completed"] and (longest is None or s > longest)),
+                       default=None)
+    if longest is None:
+        return start if first_failed is None else None
+    if first_failed is None:
+        return 2 * longest if 2 * longest <= max_seq_len else None
+    if resolution and first_failed - longest > resolution:
+        middle = (longest + first_failed) // 2 // resolution * resolution
+        return middle if longest < middle < first_failed else None
+    return None
+
+
+def predicted_launch_s(tried: dict[int, dict], seq_len: int, steps: int) -> tuple[float, int] | None:
+    """(seconds of ``steps`` steps at ``seq_len``, the length it is predicted from): the longest shorter
+    length that completed, its step time x (length ratio)^2 per step (the attention's scaling, an
+    upper bound where the linear work still counts)."""
+    shorter = [s for s, o in tried.items() if o["completed"] and s < seq_len]
+    if not shorter:
+        return None
+    base = max(shorter)
+    return steps * tried[base]["step_time_s"] * (seq_len / base) ** 2, base
+
+
+def _outcome(record: dict) -> dict:
+    """What the search keeps of one length's record."""
+    keys = ("completed", "cause", "error", "step_time_s", "peak_mem_gib", "peak_host_rss_gib", "offload_host_gib",
+            "launched", "date")
+    return {k: record.get(k) for k in keys}
+
+
+def _load_state(path: str) -> dict:
+    if not os.path.exists(path):
+        return {"searches": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _save_state(path: str, state: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(state, f, indent=1, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def _not_launched(args: argparse.Namespace, seq_len: int, seconds: float, base: int) -> dict:
+    return dict(seq_len=seq_len, strategy=args.strategy, backend=args.backend, completed=False, oom=False,
+                cause="time", launched=False, predicted_launch_s=seconds,
+                error=f"not launched: {args.warmup + args.steps} steps predicted to take {seconds:.0f} s (from S={base}, "
+                      f"x (length ratio)^2) > --launch_timeout {args.launch_timeout:.0f} s")
+
+
+def find_max_summary(args: argparse.Namespace, card: str, key: str, tried: dict[int, dict]) -> dict:
+    longest = max((s for s, o in tried.items() if o["completed"]), default=None)
+    failed = [s for s, o in tried.items() if not o["completed"] and (longest is None or s > longest)]
+    first = min(failed, default=None)
+    nxt = next_length(tried, args.seq_len[0], args.max_seq_len, args.find_max_resolution)
+    stopped_by = None if nxt is not None else "failure" if first is not None else "max_seq_len"
+    return dict(name="train_find_max", date=datetime.datetime.now().isoformat(timespec="seconds"), card=card,
+                torch=torch.__version__, command=common.command_line(), model=args.model, strategy=args.strategy,
+                checkpointing=key.split("checkpointing=")[1].split()[0], devices=args.devices, search=key,
+                longest_completed=longest, tried=list(tried), first_failed=first,
+                first_failure=tried[first]["error"] if first is not None else None,
+                failure_cause=tried[first]["cause"] if first is not None else None,
+                stopped_by=stopped_by, next_seq_len=nxt, max_seq_len=args.max_seq_len,
+                resolution=args.find_max_resolution or None, state_file=args.find_max_state,
+                results={str(s): tried[s] for s in sorted(tried)})
+
+
 def sweep(args: argparse.Namespace) -> list[dict]:
+    """The given lengths; with --find_max the search after them (all in this call), or, with
+    --find_max_state, the one next length of the search kept in that file."""
     if "RANK" in os.environ or "LOCAL_RANK" in os.environ:
         raise SystemExit(f"run {sys.argv[0]} with python, not torchrun: it starts a Lightning launch per length")
+    card = _card(args)
+    key = search_key(args, card)
+    state = _load_state(args.find_max_state) if args.find_max_state else None
+    tried = {int(s): o for s, o in state["searches"].get(key, {}).items()} if state else {}
+    queue = [(s, False) for s in ([] if tried else args.seq_len[:1] if state else args.seq_len)]
     records = []
     with tempfile.TemporaryDirectory(prefix="bench_train_") as workdir:
-        queue = list(args.seq_len)
-        while queue:
-            seq_len = queue.pop(0)
+        while True:
+            if not queue and args.find_max and not (state and records):
+                nxt = next_length(tried, args.seq_len[0], args.max_seq_len, args.find_max_resolution)
+                queue += [(nxt, True)] if nxt is not None else []
+            if not queue:
+                break
+            seq_len, searched = queue.pop(0)
             started = datetime.datetime.now().isoformat(timespec="seconds")
-            record = finish_record(args, launch(args, seq_len, workdir), started)
+            predicted = predicted_launch_s(tried, seq_len, args.warmup + args.steps) if searched else None
+            if predicted is not None and predicted[0] > args.launch_timeout:
+                raw = _not_launched(args, seq_len, *predicted)
+            else:
+                raw = {**launch(args, seq_len, workdir), "launched": True}
+            record = finish_record(args, raw, started)
             print(describe(record), flush=True)
             common.append_record(args.out, record)
             records.append(record)
-            if args.find_max and not queue and record["completed"] and 2 * seq_len <= args.max_seq_len:
-                queue.append(2 * seq_len)
+            tried[seq_len] = _outcome(record)
+            if state is not None:
+                state["searches"][key] = {str(s): o for s, o in tried.items()}
+                _save_state(args.find_max_state, state)
     if args.find_max:
-        done = [r["seq_len"] for r in records if r["completed"]]
-        failed = [r for r in records if not r["completed"]]
-        summary = dict(name="train_find_max", date=datetime.datetime.now().isoformat(timespec="seconds"),
-                       card=next((r["card"] for r in records if r.get("completed")), _card(args)),
-                       torch=torch.__version__, command=common.command_line(), model=args.model,
-                       strategy=args.strategy, checkpointing=records[-1].get("checkpointing"),
-                       devices=args.devices, longest_completed=max(done) if done else None,
-                       tried=[r["seq_len"] for r in records],
-                       first_failed=failed[0]["seq_len"] if failed else None,
-                       first_failure=failed[0]["error"] if failed else None,
-                       stopped_by=("failure" if failed else "max_seq_len"), max_seq_len=args.max_seq_len)
+        summary = find_max_summary(args, card, key, tried)
+        first = summary["first_failed"]
         print(f"find_max: longest completed {summary['longest_completed']} tokens"
-              + (f"; {summary['first_failed']} failed: {summary['first_failure'][:200]}" if failed
-                 else f"; stopped at --max_seq_len {args.max_seq_len}"), flush=True)
+              + (f"; {first} failed ({summary['failure_cause']}): {summary['first_failure'][:200]}" if first else "")
+              + (f"; next call probes {summary['next_seq_len']}" if summary["next_seq_len"] else
+                 f"; stopped at --max_seq_len {args.max_seq_len}" if summary["stopped_by"] == "max_seq_len" else ""),
+              flush=True)
         common.append_record(args.out, summary)
         records.append(summary)
     return records

@@ -272,3 +272,44 @@ def test_offload_on_a_gpu_trains_within_bf16_noise_and_frees_the_layer_inputs():
     err = max(((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)).item() for k in want)
     assert err < 5e-2, f"parameter updates differ by {err} with offload"
     assert peak_without - peak_with >= (layers - 4) * layer_bytes, (peak_without / 2**20, peak_with / 2**20)
+
+
+# ------------------------------------------------------------------------ the training benchmark
+
+
+def test_benchmark_offload_and_a_find_max_search_kept_between_calls(tmp_path):
+    """benchmark_train.py --offload on a CPU (the model's no-op, recorded with the host memory), and
+    --find_max --find_max_state: one length per call, the search continued by the next call, which
+    here predicts its length would outlast --launch_timeout and stops the search by time."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    state, out = tmp_path / "search.json", tmp_path / "train.jsonl"
+    cmd = [sys.executable, os.path.join(root, "benchmark", "benchmark_train.py"), "--model", "tiny", "--accelerator",
+           "cpu", "--devices", "1", "--strategy", "ulysses_ring", "--warmup", "1", "--steps", "1", "--quiet",
+           "--checkpointing", "full", "--offload", "--seq_len", "32", "--find_max", "--find_max_state", str(state),
+           "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    bad = subprocess.run([*cmd[:cmd.index("--checkpointing")], "--offload", "--seq_len", "32"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--offload moves the layer inputs" in bad.stderr  # tiny.yaml: no checkpointing
+    first = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "find_max: longest completed 32 tokens; next call probes 64" in first.stdout
+    second = subprocess.run([*cmd, "--launch_timeout", "0.001"], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    trained, summary1, skipped, summary2 = [json.loads(line) for line in out.read_text().splitlines()]
+    assert trained["completed"] and trained["offload"] is True and trained["checkpointing"] == "full"
+    assert trained["peak_host_rss_gib"] > 0.1 and trained["peak_host_rss_gib_per_rank"] == [trained["peak_host_rss_gib"]]
+    assert trained["offload_host_gib"] == 0.0 and trained["peak_pinned_gib"] is None  # a CPU: nothing moved
+    assert summary1["name"] == "train_find_max" and summary1["next_seq_len"] == 64 and summary1["stopped_by"] is None
+    assert skipped["seq_len"] == 64 and skipped["completed"] is False and skipped["launched"] is False
+    assert skipped["cause"] == "time" and "predicted" in skipped["error"]
+    assert (summary2["longest_completed"], summary2["first_failed"], summary2["failure_cause"]) == (32, 64, "time")
+    assert summary2["stopped_by"] == "failure" and summary2["tried"] == [32, 64]
+    search = json.loads(state.read_text())["searches"]
+    assert len(search) == 1 and set(next(iter(search.values()))) == {"32", "64"}
