@@ -1,8 +1,10 @@
 """Smoke runs of the benchmark scripts on CPU with tiny shapes: they run, write well-formed records,
 record failures instead of crashing or hanging, and plot.py summarizes and draws them.
 
-The two torchrun launches (ours and torch CP, 2 gloo processes each) start together and run while
-the single-GPU script and the trace summary run in this process. The training benchmark trains the
+The torchrun launches (ours, torch CP, the clock trace and the numerics, 2 gloo processes each) and
+the GPU-check entry points (kernel_check.py, gpu_check.sh, which must skip every test with the
+reason without a GPU) start together and run while the single-GPU script and the trace summary run
+in this process. The training benchmark trains the
 tiny decoder through Lightning under ulysses_ring and ddp (2 gloo processes each, started together);
 its slow-tier test fails one rank with a simulated out-of-memory error in a --find_max search.
 """
@@ -39,11 +41,14 @@ def _module(name):
     return mod
 
 
-def _torchrun(script, args, out):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(BENCH, script), *TINY, *args, "--out", out]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def _launch(cmd, **env):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env)
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _torchrun(script, args, out, tiny=TINY):
+    return _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    os.path.join(BENCH, script), *tiny, *args, "--out", out])
 
 
 def _finish(proc):
@@ -102,8 +107,17 @@ def launches(tmp_path_factory):
     clocks_out = str(d / "clocks.jsonl")
     clocks = _torchrun("clock_trace.py", ["--backend", "cpu_flash", "--rounds", "2", "--baseline_iters", "2",
                                           "--ours_iters", "3"], clocks_out)
+    numerics_out = str(d / "numerics.jsonl")
+    numerics = _torchrun("numerics.py", ["--seq_lens", "64", "--nheads", "4", "--kv_heads", "2", "--head_dim", "16",
+                                         "--backends", "cpu_flash", "cudnn"], numerics_out, tiny=())
+    # the GPU checks' entry points with no GPU visible, whatever the machine: every test skips
+    kernel_check = _launch([sys.executable, os.path.join(BENCH, "kernel_check.py")], CUDA_VISIBLE_DEVICES="")
+    gpu_out = d / "gpu_check"
+    gpu_check = _launch(["bash", os.path.join(BENCH, "gpu_check.sh"), str(gpu_out),
+                         "tests/gpu/test_gpu_distributed.py"], CUDA_VISIBLE_DEVICES="")
     procs = {"ours": (ours, ours_out), "cp": (cp, cp_out), "separate": (separate, separate_out),
-             "clocks": (clocks, clocks_out)}
+             "clocks": (clocks, clocks_out), "numerics": (numerics, numerics_out),
+             "kernel_check": (kernel_check, None), "gpu_check": (gpu_check, str(gpu_out))}
     yield d, procs
     for proc, _ in procs.values():
         if proc.poll() is None:
@@ -181,6 +195,41 @@ def test_torch_cp_fails_clearly_on_cpu(launches):
         assert "sharding strategy" in r["error"] and "GPUs only" in r["error"]
         assert r["load_balance"] is True and r["layout"] == "zigzag"  # 64 tokens split head-tail over 2 ranks
         assert r["sdpa_patched"] is True
+
+
+def test_numerics_records_every_split_and_fails_for_a_backend_that_cannot_run(launches):
+    """float64 on gloo: every split of 2 ranks and layout within 1e-10 of float64, recorded with its
+    bound; cudnn cannot run on a CPU, which fails the launch, named, after the other records."""
+    proc, path = launches[1]["numerics"]
+    rc, text = _finish(proc)
+    assert rc != 0 and "FAIL S=64 backend=cudnn cannot run" in text and "cudnn is not installed" in text
+    records = _records(path)
+    assert [(r["ulysses"], r["ring"], r["layout"]) for r in records] == [
+        (1, 2, "contiguous"), (1, 2, "zigzag"), (1, 2, "stripe"), (2, 1, "contiguous")]
+    assert text.count("PASS S=64 cpu_flash") == 4
+    for r in records:
+        assert r["backend"] == "cpu_flash" and r["passed"] is True and r["world"] == 2 and r["card"] == "cpu"
+        assert (r["dtype"], r["nheads"], r["kv_heads"], r["seq_len"]) == ("torch.float64", 4, 2, 64)
+        assert max(r[f"{n}_err"] for n in ("out", "dq", "dk", "dv")) < 1e-10
+        assert r["bound"] == (1.05 if r["ulysses"] == 2 else 1.3)  # pure Ulysses: 2 KV heads split evenly
+        assert r["command"].startswith("torchrun --nproc_per_node 2 benchmark/numerics.py --seq_lens 64 ")
+
+
+def test_gpu_check_entry_points_skip_every_test_with_the_reason_without_a_gpu(launches):
+    import xml.etree.ElementTree as ET
+
+    _, procs = launches
+    rc, text = _finish(procs["kernel_check"][0])
+    assert rc == 0, text[-3000:]
+    assert "needs a CUDA GPU" in text and " skipped" in text and "passed" not in text and "failed" not in text
+    proc, out = procs["gpu_check"]
+    rc, text = _finish(proc)
+    assert rc == 0, text[-3000:]
+    log = open(os.path.join(out, "gpu_check.log")).read()
+    assert "0 GPU(s)" in log and "gpu_check: pytest exit status 0" in log
+    cases = ET.parse(os.path.join(out, "gpu_check.xml")).getroot().iter("testcase")
+    skipped = [c.find("skipped") for c in cases]
+    assert len(skipped) >= 10 and all(s is not None and "needs a CUDA GPU" in s.get("message") for s in skipped)
 
 
 def test_plot_summary_and_figures(launches, capsys):
