@@ -19,6 +19,8 @@ mkdir -p "$out"
 log=$out/gpu_check.log
 : > "$log"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+# FA4 keeps its compiled kernels on disk, so that each torchrun launch does not compile them again
+export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=${FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED:-1}
 py=${PYTHON:-python3}
 site=/tmp/site
 
@@ -58,7 +60,7 @@ PY
 
 # a test module that cannot be imported is reported as an error; the GPU tests still run
 timeout -s INT -k 30 "${GPU_CHECK_TIMEOUT:-520}" "$py" -m pytest -m gpu -q -rs -p no:cacheprovider \
-  --continue-on-collection-errors --junitxml="$out/gpu_check.xml" "$@" 2>&1 | tee -a "$log"
+  --durations=15 --continue-on-collection-errors --junitxml="$out/gpu_check.xml" "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 echo "gpu_check: pytest exit status $status" | tee -a "$log"
 exit "$status"
