@@ -56,7 +56,7 @@ def torchrun(script: Path, nproc: int, *args: str) -> str:
 def several_gpus() -> int:
     n = gpu_count()
     if n < 2:
-        pytest.skip(f"needs 2 or more CUDA GPUs, found {n} (run on a kind with several GPUs)")
+        pytest.skip(f"needs 2 or more CUDA GPUs, found {n} (run on a machine with several)")
     return n
 
 
