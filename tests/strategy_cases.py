@@ -3,6 +3,7 @@ single-process reference they are compared with (plain PyTorch, plain attention,
 from __future__ import annotations
 
 import contextlib
+import random
 from unittest import mock
 
 import lightning as pl
@@ -63,7 +64,8 @@ class TinyLM(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         logits = self(batch["input_ids"], batch["position_ids"], batch.get("cu_seqlens"), batch.get("max_seqlen"))
-        return {"idx": batch["idx"], "local": tuple(logits.shape), "logits": self.trainer.strategy.gather_sequence(logits)}
+        full = self.trainer.strategy.gather_sequence(logits, batch["shard_info"])
+        return {"idx": batch["idx"], "local": tuple(logits.shape), "logits": full}
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
@@ -277,3 +279,102 @@ def error_job(case: str):
     except Exception as err:  # noqa: BLE001 -- the test compares what every rank raised
         return f"{type(err).__name__}: {err}"
     return None
+
+
+def fsdp_configure_on_cuda():
+    """configure_ddp of the FSDP strategy, its root device said to be a GPU: whether the model got sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    class OnCuda(lightning_sp.UlyssesRingFSDPStrategy):
+        root_device = property(lambda self: torch.device("cuda", 0))
+
+    strategy = OnCuda(ulysses_degree=2, ring_degree=2)
+    strategy._sp_mesh = lightning_sp.build_mesh(lightning_sp.SPConfig(2, 2, world_size=dist.get_world_size()), "cpu")
+    strategy.model = TinyLM()
+    strategy.configure_ddp()
+    return isinstance(strategy.model, FSDPModule)
+
+
+class BadBatchLM(TinyLM):
+    """TinyLM whose second training batch is spoiled on some ranks by a batch hook (as a user's
+    on_before_batch_transfer could): cut short, a key dropped, or cut on one rank only."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.case, self.training_batches = case, 0
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        if not self.trainer.training:
+            return batch
+        self.training_batches += 1
+        rank = dist.get_rank()
+        if self.training_batches != 2:
+            return batch
+        if self.case == "short" and rank in (0, 1):  # the first data-parallel group: 6 tokens, not a multiple of 4
+            return {**batch, "input_ids": batch["input_ids"][:, :6], "labels": batch["labels"][:, :6]}
+        if self.case == "missing_key" and rank == 1:
+            return {k: v for k, v in batch.items() if k != "labels"}
+        if self.case == "shapes" and rank == 2:
+            return {**batch, "input_ids": batch["input_ids"][:, :9], "labels": batch["labels"][:, :9]}
+        return batch
+
+
+def bad_batch_job(case: str):
+    """Fit until the spoiled second batch; returns (error or None, when it was raised, steps trained)."""
+    import time
+
+    ulysses, ring, seq, strat_kw = (2, 1, 16, {"pad_to_multiple": False}) if case == "short" else (2, 2, 13, {})
+    model = BadBatchLM(case)
+    trainer = _trainer(make_strategy(ulysses, ring, "zigzag", **strat_kw), max_steps=3)
+    try:
+        trainer.fit(model, DataLoader(make_data("dense", 12, seq), batch_size=2))
+    except Exception as err:  # noqa: BLE001 -- the test compares what every rank raised
+        return f"{type(err).__name__}: {err}", time.time(), len(model.record)
+    return None, time.time(), len(model.record)
+
+
+class DrawingLM(TinyLM):
+    """TinyLM that draws from the torch and Python generators at every training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.draws = []
+
+    def training_step(self, batch, batch_idx):
+        self.draws.append((torch.rand(2).tolist(), random.random()))
+        return super().training_step(batch, batch_idx)
+
+
+def rng_job(max_steps: int, save=None, resume=None):
+    """Fit with every rank's generators seeded apart; returns the draws of each step."""
+    model = DrawingLM()
+    torch.manual_seed(1000 + dist.get_rank())
+    random.seed(1000 + dist.get_rank())
+    trainer = _trainer(make_strategy(2, 2, "zigzag"), max_steps=max_steps, callbacks=[SaveAtEnd(save)] if save else [])
+    trainer.fit(model, DataLoader(make_data("dense", 12), batch_size=2), ckpt_path=resume)
+    return model.draws
+
+
+def recipe_model_factory(*overrides):
+    """The model of conf/ as recipes/train.py builds it: a Hydra ``_partial_`` factory."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model=tiny", *overrides])
+    return instantiate(cfg.model)
+
+
+def auto_degrees_from_factory_job():
+    """``strategy="ulysses_ring"`` (auto degrees) and a CausalLM that builds the recipe's model, with
+    2 attention heads, in configure_model; returns the mesh and whether a step trained."""
+    from lightning_sp.app.data import LongRangeTask
+    from lightning_sp.app.lm import CausalLM
+
+    module = CausalLM(recipe_model_factory("model.config.num_heads=2", "model.config.num_kv_heads=1"))
+    trainer = _trainer("ulysses_ring", max_steps=1)
+    trainer.fit(module, DataLoader(LongRangeTask("copy", seq_len=32, num_samples=8, alphabet=4), batch_size=2))
+    mesh = trainer.strategy.sp_mesh
+    return (mesh.dp_size, mesh.ring_size, mesh.ulysses_size), bool(torch.isfinite(trainer.callback_metrics["train/loss"]))

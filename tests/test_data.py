@@ -8,6 +8,7 @@ import torch
 
 from lightning_sp import SPConfigError
 from lightning_sp.data import ByteTokenizer, LMDataModule, LongRangeTask, PackedText, collate
+from lightning_sp.integration.batch import prepare_batch
 
 
 def test_copy_task_answers_repeat_the_first_half():
@@ -43,8 +44,14 @@ def test_packed_text_keeps_documents_apart(tmp_path):
     assert batch["input_ids"].shape == (1, 32) and torch.equal(batch["input_ids"][0], stream[:32])
     # boundaries: document starts (0, 16, 19 in the stream) and the row cut at 16
     assert batch["cu_seqlens"].tolist() == [0, 16, 19, 32]
-    assert (batch["labels"][0, batch["cu_seqlens"][:-1]] == -100).all()
+    assert torch.equal(batch["labels"], batch["input_ids"]), "labels are the tokens; preparation shifts them"
     assert tok.decode(batch["input_ids"][0, 16:19]) == "b"
+    # prepared for training: each token's label is the next token of its own piece, never the next one's
+    prepared, _ = prepare_batch(batch)
+    want = torch.cat([stream[1:32], torch.tensor([-100])])
+    want[[15, 18, 31]] = -100  # the last token of each piece (16, 19 and 32 are where the next ones start)
+    assert torch.equal(prepared["labels"][0], want)
+    assert prepared["position_ids"][0].tolist() == [*range(16), *range(3), *range(13)]
 
 
 def test_text_files_split_on_blank_lines(tmp_path):

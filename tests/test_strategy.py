@@ -17,6 +17,7 @@ import strategy_cases as C
 from dist_harness import World
 from lightning_sp import SPConfigError, SPMesh
 from lightning_sp import layout as L
+from lightning_sp.integration.batch import prepare_batch
 
 TOL = 1e-9
 TIMEOUT = 180
@@ -89,8 +90,28 @@ def test_registered_names_and_reimport():
     (4, 4, 8, "auto", 2, (2, 2)),
 ])
 def test_auto_degrees(world, node, heads, ulysses, ring, expected):
-    strategy = lightning_sp.UlyssesRingStrategy(ulysses_degree=ulysses, ring_degree=ring)
-    assert strategy._resolve_degrees(world, node, heads) == expected
+    strategy = lightning_sp.UlyssesRingStrategy(ulysses_degree=ulysses, ring_degree=ring, ring_impl="stripe")
+    config = strategy.resolve_config(world, node, heads)
+    assert (config.ulysses_degree, config.ring_degree, config.world_size, config.layout) == (*expected, world, "stripe")
+
+
+def test_attention_heads_are_read_from_a_model_factory():
+    """Before configure_model builds the model: from the config given to the recipe's _partial_
+    factory (our LlamaConfig: num_heads; a Hugging Face config: num_attention_heads), or a keyword."""
+    import functools
+
+    from lightning_sp.app.lm import CausalLM
+    from lightning_sp.integration.binding import find_attention_heads
+
+    assert find_attention_heads(CausalLM(C.recipe_model_factory())) == 4
+    eight = C.recipe_model_factory("model.config.num_heads=8", "model.config.num_kv_heads=2")
+    assert find_attention_heads(CausalLM(eight)) == 8
+    assert find_attention_heads(CausalLM(functools.partial(torch.nn.MultiheadAttention, 12, num_heads=6))) == 6
+    assert find_attention_heads(CausalLM(functools.partial(C.TinyLM, heads=2))) is None  # no head-count name
+    assert find_attention_heads(C.TinyLM(heads=2)) == 2  # a built model: its num_heads
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(num_attention_heads=12, num_key_value_heads=4, hidden_size=48)
+    assert find_attention_heads(CausalLM(functools.partial(transformers.LlamaForCausalLM, config))) == 12
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -100,7 +121,7 @@ def test_auto_degrees(world, node, heads, ulysses, ring, expected):
 ])
 def test_degree_errors(kwargs, match):
     with pytest.raises(SPConfigError, match=match):
-        lightning_sp.UlyssesRingStrategy(**kwargs)._resolve_degrees(8, 8, 4)
+        lightning_sp.UlyssesRingStrategy(**kwargs).resolve_config(8, 8, 4)
 
 
 def test_constructor_errors():
@@ -112,12 +133,6 @@ def test_constructor_errors():
         lightning_sp.UlyssesRingStrategy(head_groups=0)
 
 
-def _strategy_on(mesh_coords, **kw):
-    strategy = lightning_sp.UlyssesRingStrategy(**kw)
-    strategy._sp_mesh = mesh_coords  # index maths only: shard_batch itself is not collective
-    return strategy
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_shard_batch_dense(layout):
     """Shift on the full sequence, pad to the multiple (labels with ignore_index), same permutation for all keys."""
@@ -126,7 +141,7 @@ def test_shard_batch_dense(layout):
     batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": mask, "idx": torch.tensor([5, 6])}
     parts = []
     for sp_rank in range(4):
-        out = _strategy_on(_coords(1, 2, 2, sp_rank), ring_impl=layout).shard_batch(batch)
+        out, _ = prepare_batch(batch, _coords(1, 2, 2, sp_rank), layout=layout, agree=False)  # index maths only
         assert out["idx"] is batch["idx"], "other keys pass through unchanged"
         parts.append(out)
     multiple = L.layout_multiple(layout, _coords(1, 2, 2, 0))
@@ -148,9 +163,10 @@ def test_shard_batch_packed():
     ids = torch.arange(1, 10)
     seen_labels, seen_tokens = {}, 0
     for sp_rank in range(4):
-        strategy = _strategy_on(_coords(1, 2, 2, sp_rank), ring_impl="zigzag")
-        out = strategy.shard_batch({"input_ids": ids[None], "labels": ids[None].clone(), "cu_seqlens": cu})
-        packed = strategy.last_shard.packed
+        out, info = prepare_batch({"input_ids": ids[None], "labels": ids[None].clone(), "cu_seqlens": cu},
+                                  _coords(1, 2, 2, sp_rank), layout="zigzag", agree=False)
+        packed = info.packed
+        assert out["shard_info"] is info and info.seq_len == 9 and info.padded_len == len(packed.slot_to_token)
         assert torch.equal(out["cu_seqlens"], packed.cu_seqlens) and out["max_seqlen"] == packed.max_seqlen
         for tok, lab, pos in zip(packed.token_index.tolist(), out["labels"][0].tolist(), out["position_ids"][0].tolist()):
             if tok >= 0:
@@ -270,6 +286,12 @@ def test_predict_and_validate(world4, data):
         assert all(abs(res["val_loss"] - ref_val) < TOL * ref_val for res in results)
 
 
+def test_auto_degrees_from_a_model_built_in_configure_model(world4):
+    """The recipe's factory gives 2 heads: auto picks ulysses 2 x ring 2 on 4 ranks (not 4 x 1,
+    which 2 heads cannot split), before the model exists, and the step trains."""
+    assert world4.run(C.auto_degrees_from_factory_job, timeout=TIMEOUT) == [((1, 2, 2), True)] * 4
+
+
 def test_gradient_accumulation(world4):
     """accumulate_grad_batches=2: each micro-batch's global token mean weighted 1/2 (as lightning_sp.loss documents)."""
     results = world4.run(C.fit_job, 2, 2, "zigzag", n=8, batch=2, max_steps=2, accumulate=2, timeout=TIMEOUT)
@@ -329,6 +351,35 @@ def test_configuration_errors(world4, case, match):
     check_run(results, 2, 2, "zigzag", n=8, batch=2, steps=1)
 
 
+@pytest.mark.parametrize("case,match", [
+    ("short", r"^SPConfigError: rank 0: sequence length 6 is not divisible by 4.*pad the sequence to 8 tokens"),
+    ("missing_key", r"group 0 hold batches with different keys.*rank 0: input_ids \(2, 13\) int64, labels \(2, 13\) "
+                    r"int64; rank 1: input_ids \(2, 13\) int64; .*dp_rank / dp_size"),
+    ("shapes", r"group 0 hold batches with different keys, shapes.*rank 2: input_ids \(2, 9\) int64.*dp_rank / dp_size"),
+])
+def test_a_bad_batch_at_a_later_step_fails_every_rank_at_once(world4, case, match):
+    """The second batch is spoiled on some ranks only (too short for the layout without padding, a
+    key dropped on one rank, another length on one rank): every rank raises the same error at that
+    batch, together, instead of waiting in a collective the others never join."""
+    results = world4.run(C.bad_batch_job, case, timeout=TIMEOUT)
+    errors, times, steps = zip(*results)
+    assert errors[0] is not None and all(e == errors[0] for e in errors), errors
+    assert re.search(match, errors[0]), errors[0]
+    assert steps == (1,) * 4, "the first batch trained, the second failed"
+    assert max(times) - min(times) < 5, f"the ranks raised {max(times) - min(times):.1f} s apart"
+
+
+def test_resume_continues_rank_0s_random_streams(world4, tmp_path):
+    """Every rank's torch and Python generators start apart; after a resume every rank draws what
+    rank 0 drew at those steps in an uninterrupted run."""
+    path = str(tmp_path / "rng.ckpt")
+    whole = world4.run(C.rng_job, 4, timeout=TIMEOUT)
+    assert whole[0] != whole[1], "the ranks' streams differ to begin with"
+    world4.run(C.rng_job, 2, save=path, timeout=TIMEOUT)
+    resumed = world4.run(C.rng_job, 4, resume=path, timeout=TIMEOUT)
+    assert resumed == [whole[0][2:]] * 4
+
+
 @pytest.mark.slow
 def test_fsdp_resume_on_another_world_size(world4, tmp_path):
     """FSDP distributed checkpoint from 4 ranks (ulysses 2 x ring 2) resumed on 2 ranks (ring 2), dp 1 both."""
@@ -350,10 +401,7 @@ def test_fsdp_resume_on_another_world_size(world4, tmp_path):
         assert all(C.rel_err(res["params"][k], ref[k]) < TOL for k in ref)
 
 
-def test_fsdp_strategy_registers_no_ddp_comm_hooks_on_cuda(monkeypatch):
-    """On CUDA, DDPStrategy's configure_ddp asserts the model is DistributedDataParallel before it
-    registers comm hooks; the FSDP strategy's model is an FSDP2 module and must get through."""
-    strategy = lightning_sp.UlyssesRingFSDPStrategy(ulysses_degree=1, ring_degree=1)
-    monkeypatch.setattr(type(strategy), "root_device", property(lambda self: torch.device("cuda", 0)))
-    strategy.model = torch.nn.Linear(2, 2)
-    strategy._register_ddp_hooks()
+def test_fsdp_strategy_shards_instead_of_registering_ddp_comm_hooks_on_cuda(world4):
+    """On CUDA, DDPStrategy.configure_ddp asserts the model is DistributedDataParallel before it
+    registers comm hooks; the FSDP strategy's configure_ddp shards the model with FSDP2 instead."""
+    assert world4.run(C.fsdp_configure_on_cuda, timeout=TIMEOUT) == [True] * 4

@@ -8,8 +8,10 @@
 * :class:`LMDataModule`: the Lightning data module around either.
 
 Samples are dicts with ``input_ids`` and ``labels`` *aligned with the inputs* (label t is token t,
-or ``ignore_index`` where no loss is wanted); the training side shifts them by one, before
-sequence sharding. Packed samples also carry ``cu_seqlens``.
+or ``ignore_index`` where no loss is wanted); batch preparation
+(:func:`lightning_sp.integration.batch.prepare_batch`) shifts them by one before sequence sharding.
+Packed samples also carry ``cu_seqlens``, from which batch preparation keeps every label inside its
+document.
 """
 from __future__ import annotations
 
@@ -119,8 +121,9 @@ class PackedText(Dataset):
     """Byte-tokenized documents packed back to back into rows of ``seq_len`` tokens.
 
     Each row carries the global ``cu_seqlens`` of its document pieces (a document cut by a row
-    boundary continues as a new piece). The first label of every piece is ``ignore_index``, so that
-    after the one-token shift no token is trained to predict the next document.
+    boundary continues as a new piece); ``labels`` are the tokens themselves. Batch preparation
+    shifts them and ignores the last token of every piece, so that no token is trained to predict
+    the next document.
     """
 
     def __init__(self, paths, seq_len: int = 1024, text_key: str = "text"):
@@ -145,9 +148,7 @@ class PackedText(Dataset):
         inner = self.doc_starts[(self.doc_starts > lo) & (self.doc_starts < hi)] - lo
         cu = torch.cat([torch.tensor([0]), inner, torch.tensor([self.seq_len])])
         ids = self.stream[lo:hi].clone()
-        labels = ids.clone()
-        labels[cu[:-1]] = IGNORE_INDEX
-        return {"input_ids": ids, "labels": labels, "cu_seqlens": cu}
+        return {"input_ids": ids, "labels": ids.clone(), "cu_seqlens": cu}
 
 
 def collate(samples: list[dict]) -> dict:

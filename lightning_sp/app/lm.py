@@ -3,9 +3,10 @@
 It trains :class:`lightning_sp.models.LlamaForCausalLM` or a Hugging Face causal LM with the exact
 token-mean loss, whatever the sharding and padding, and logs the loss, tokens/s and MFU. Batches
 are the dicts of :mod:`lightning_sp.data`: ``input_ids``, ``labels`` aligned with the inputs and, for
-packed documents, global ``cu_seqlens``. Under ``UlyssesRingStrategy`` the strategy has already
-shifted the labels, sharded the sequence and set global ``position_ids`` (and local ``cu_seqlens``);
-under any other strategy this module does the same for the whole sequence.
+packed documents, global ``cu_seqlens``. Each step works on a batch prepared by
+:func:`lightning_sp.integration.batch.prepare_batch` (labels shifted, global ``position_ids``, local
+``cu_seqlens``): a sequence-parallel strategy prepares batches itself (they carry ``shard_info``);
+under any other strategy this module prepares them for one process.
 """
 from __future__ import annotations
 
@@ -18,12 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core import layout
 from ..core.attention import LongContextAttention
 from ..core.errors import SPConfigError
 from ..core.loss import TokenLoss, exact_token_loss
-from ..core.mesh import SPMesh, single_process_mesh
-from ..integration.strategy import UlyssesRingStrategy
+from ..integration.batch import SHARD_INFO, prepare_batch
 from .models import swap_attention
 from .models.hf import causal_lm_logits, causal_lm_loss_sum, is_hf_model
 
@@ -38,10 +37,11 @@ def _world() -> int:
 class CausalLM(L.LightningModule):
     """Causal-LM training with the exact loss.
 
-    ``model`` is a module or a zero-argument callable that builds one (a Hydra ``_partial_``), called
-    in ``configure_model`` so that large models can be created under the strategy's init context.
-    When the strategy shards the sequence (``UlyssesRingStrategy``) the model's attention is swapped
-    for :class:`LongContextAttention` there; otherwise it keeps its own attention.
+    ``model`` is a module or a zero-argument callable that builds one (a Hydra ``_partial_``), kept as
+    ``model_factory`` and called in ``configure_model`` so that large models can be created under the
+    strategy's init context. When the strategy is sequence-parallel (it has an ``sp_config``) the
+    model's attention is swapped for :class:`LongContextAttention` there, for the strategy to bind;
+    otherwise it keeps its own attention.
     """
 
     def __init__(self, model: nn.Module | Callable[[], nn.Module], lr: float = 1e-3, weight_decay: float = 0.0,
@@ -65,28 +65,16 @@ class CausalLM(L.LightningModule):
             swap_attention(self.model)  # the strategy binds the mesh, layout and backend
 
     def _sequence_parallel(self) -> bool:
-        """Whether the strategy shards batches along the sequence (and so shifts labels, sets positions)."""
-        return self._trainer is not None and isinstance(self.trainer.strategy, UlyssesRingStrategy)
-
-    def sp_mesh(self) -> SPMesh:
-        return self.trainer.strategy.sp_mesh if self._sequence_parallel() else single_process_mesh()
+        """Whether the strategy splits sequences (it carries a sequence-parallel configuration)."""
+        return self._trainer is not None and getattr(self.trainer.strategy, "sp_config", None) is not None
 
     # -- batches -------------------------------------------------------------------------------
     def prepare_batch(self, batch: dict) -> dict:
-        """Shift labels and set position_ids (and packed cu_seqlens) for a batch no strategy sharded."""
-        if self._sequence_parallel():
+        """This rank's part of the batch: as the strategy prepared it, else prepared here for one
+        process (labels shifted, position_ids, packed cu_seqlens)."""
+        if SHARD_INFO in batch:
             return batch
-        batch = dict(batch)
-        if "labels" in batch:
-            labels = batch["labels"]
-            batch["labels"] = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), self.hparams.ignore_index)], 1)
-        if batch.get("cu_seqlens") is not None:
-            packed = layout.shard_documents(batch["cu_seqlens"], None, "contiguous")
-            batch.update(position_ids=packed.position_ids[None].to(self.device),
-                         cu_seqlens=packed.cu_seqlens.to(self.device), max_seqlen=packed.max_seqlen)
-        elif batch.get("position_ids") is None:
-            batch["position_ids"] = torch.arange(batch["input_ids"].shape[1], device=self.device)[None]
-        return batch
+        return prepare_batch(batch, ignore_index=self.hparams.ignore_index)[0]
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Final hidden states (our decoder) or logits (a Hugging Face model) of this rank's tokens."""
@@ -114,7 +102,7 @@ class CausalLM(L.LightningModule):
         batch = self.prepare_batch(batch)
         out = self.loss(batch)
         self._tokens = batch["input_ids"].numel() * _world()
-        self._seq_len = batch["input_ids"].shape[-1] * self.sp_mesh().sp_size
+        self._seq_len = batch[SHARD_INFO].padded_len
         self.log("train/loss", out.mean, prog_bar=True, batch_size=int(out.num_tokens))
         return out.loss
 
@@ -170,7 +158,7 @@ class CausalLM(L.LightningModule):
             logits = out[:, mine].sum(1)
         else:
             logits = self.model.logits(out[:, mine]).sum(1)
-        mesh = self.sp_mesh()
+        mesh = batch[SHARD_INFO].mesh
         if mesh.sp_size > 1:
             dist.all_reduce(logits, group=mesh.sp_group)
         return logits

@@ -1,0 +1,72 @@
+"""The model side of the strategies: how many attention heads it has, and binding its attention layers.
+
+Heads are read before the model exists where it is built in ``configure_model``: a LightningModule
+that holds a model factory (a ``functools.partial``, as Hydra's ``_partial_: true`` makes, e.g.
+``partial(LlamaForCausalLM, config=LlamaConfig(num_heads=32))``) has them in the factory's
+arguments, so the ``"auto"`` degrees can be chosen in ``setup_environment``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+from torch import nn
+
+from ..core.attention import LongContextAttention
+from ..core.errors import SPConfigError
+from ..core.mesh import SPMesh
+
+HEAD_ATTRIBUTES = ("num_attention_heads", "num_heads", "n_heads", "n_head")
+
+
+def _heads_of(owner) -> set[int]:
+    found = set()
+    for attr in HEAD_ATTRIBUTES:
+        value = getattr(owner, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            found.add(value)
+    return found
+
+
+def _factory_heads(factory: functools.partial) -> set[int]:
+    """Heads named in a factory's arguments: head-count keywords, or configs (and config-holding
+    arguments) among its arguments."""
+    found = {v for k, v in factory.keywords.items()
+             if k in HEAD_ATTRIBUTES and isinstance(v, int) and not isinstance(v, bool) and v > 0}
+    for value in (*factory.args, *factory.keywords.values()):
+        if isinstance(value, functools.partial):
+            found |= _factory_heads(value)
+        elif not isinstance(value, (int, float, str, bool, type(None))):
+            found |= _heads_of(value) | _heads_of(getattr(value, "config", None))
+    return found
+
+
+def find_attention_heads(module: nn.Module | None) -> int | None:
+    """The query heads of a module's attention, without building anything: the greatest common
+    divisor of the head counts of its submodules and their ``config``, and of the model factories
+    (``functools.partial``) its submodules hold as attributes; None where none is found."""
+    found: set[int] = set()
+    for sub in (module.modules() if module is not None else ()):
+        found |= _heads_of(sub) | _heads_of(getattr(sub, "config", None))
+        for value in vars(sub).values():
+            if isinstance(value, functools.partial):
+                found |= _factory_heads(value)
+    return math.gcd(*found) if found else None
+
+
+def bind_attention(module: nn.Module, mesh: SPMesh) -> None:
+    """Bind every :class:`LongContextAttention` of ``module`` that has no mesh of its own to ``mesh``
+    and its config's layout, backend and head groups (a layer bound by an earlier strategy is bound
+    again); a layer bound by the user to an incompatible mesh is an error naming the fix."""
+    config = mesh.config
+    for name, layer in module.named_modules():
+        if not isinstance(layer, LongContextAttention):
+            continue
+        if layer.mesh is None or getattr(layer, "_sp_bound_by_strategy", False):
+            layer.bind(mesh, ring_impl=config.layout, backend=config.backend, head_groups=config.head_groups)
+            layer._sp_bound_by_strategy = True  # so that the next strategy may bind it again
+        elif layer.ring_impl != config.layout or layer.mesh.sp_size != mesh.sp_size:
+            raise SPConfigError(
+                f"attention layer {name!r} is bound to its own mesh ({layer.mesh.describe()}, layout "
+                f"{layer.ring_impl!r}) but the strategy shards batches with layout {config.layout!r} over "
+                f"{mesh.sp_size} ranks; construct it with mesh=None so the strategy binds it")
