@@ -151,8 +151,8 @@ def test_linear_cross_entropy_under_autocast_matches_the_autograd_path():
     assert rel(gh, dh) < 1e-2 and rel(gw, dw) < 1e-2
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")])])
 def test_weight_gradient_accumulates_bf16_products_in_float32(device):
     """The LM head's gradient sums the chunks' bf16 products into float32: on CUDA in one addmm that
     writes into the sum (its product never rounded to bf16), elsewhere a product and an add. Three
