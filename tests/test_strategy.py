@@ -134,7 +134,7 @@ def test_constructor_errors():
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_shard_batch_dense(layout):
+def test_batch_preparation_dense(layout):
     """Shift on the full sequence, pad to the multiple (labels with ignore_index), same permutation for all keys."""
     ids = torch.arange(2 * 11).view(2, 11) + 1
     mask = torch.ones_like(ids)
@@ -157,7 +157,7 @@ def test_shard_batch_dense(layout):
     assert bool((full["attention_mask"][:, :11] == 1).all()) and bool((full["attention_mask"][:, 11:] == 0).all())
 
 
-def test_shard_batch_packed():
+def test_batch_preparation_packed():
     """Packed documents: local cu_seqlens, within-document positions, no label crosses a document end."""
     cu = torch.tensor([0, 3, 8, 9])
     ids = torch.arange(1, 10)

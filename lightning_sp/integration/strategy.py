@@ -150,11 +150,7 @@ class UlyssesRingStrategy(DDPStrategy):
     @override
     def setup_environment(self) -> None:
         super().setup_environment()  # joins or creates the default process group
-        self._setup_sp_mesh()
-
-    def _setup_sp_mesh(self) -> None:
-        """Resolve the configuration and build its mesh: after the process group exists, before
-        ``configure_model`` (which sees the mesh as ``LightningModule.device_mesh``)."""
+        # the configuration and its mesh, before configure_model (which sees LightningModule.device_mesh)
         heads = self.attention_heads if self.attention_heads is not None else find_attention_heads(self.lightning_module)
         self.sp_config = self.resolve_config(self.world_size, self.num_processes, heads)
         self._sp_mesh = build_mesh(self.sp_config, device_type=self.root_device.type)
