@@ -1,6 +1,8 @@
 """Attention cases that run on every rank of a gloo world, compared with a float64 reference."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
@@ -110,7 +112,7 @@ def packed_matches_separate_case(layout, api, dtype=torch.bfloat16, heads=4, hea
 
 
 def varlen_case(ulysses, ring, layout, causal, heads, kv_heads, doc_lengths, dtype=torch.float64,
-                window=(-1, -1), head_dim=8, seed=0, api="module", head_groups="auto"):
+                window=(-1, -1), head_dim=8, seed=0, api="module", head_groups="auto", backend="auto"):
     """Packed documents of uneven lengths: no attention across documents, padding per document."""
     mesh = lightning_sp.init_sp_mesh(ulysses_degree=ulysses, ring_degree=ring)
     T = sum(doc_lengths)
@@ -130,7 +132,7 @@ def varlen_case(ulysses, ring, layout, causal, heads, kv_heads, doc_lengths, dty
     assert local[0].shape[0] * mesh.sp_size == int(packed.padded_cu_seqlens[-1]), "each rank holds its share only"
     leaves = packed_leaves(api, *local[:3])
     if api == "module":
-        out = lightning_sp.LongContextAttention(mesh, ring_impl=layout, head_groups=head_groups)(
+        out = lightning_sp.LongContextAttention(mesh, ring_impl=layout, head_groups=head_groups, backend=backend)(
             *leaves, causal=causal, window_size=window, cu_seqlens=packed.cu_seqlens,
             max_seqlen=packed.max_seqlen)
     else:
@@ -145,6 +147,55 @@ def varlen_case(ulysses, ring, layout, causal, heads, kv_heads, doc_lengths, dty
     tol = TOL[dtype]
     assert all(e < tol for e in errs.values()), f"errors {errs} above {tol}"
     return errs
+
+
+def split_causal_schedule(layout, q_rank, kv_rank, ring_size, n_local, causal, window=(None, None)):
+    """``layout.block_schedule`` with every square causal block of 2+ rows cut in two: its first half
+    of rows (square causal) and its second half against every key (causal, fewer queries than keys,
+    bottom-right aligned). The same mask, in blocks a square-causal kernel cannot take as they are."""
+    pairs = []
+    for p in L.block_schedule(layout, q_rank, kv_rank, ring_size, n_local, causal, window):
+        n = p.q_stop - p.q_start
+        if p.causal and n == p.k_stop - p.k_start and n >= 2:
+            m = p.q_start + n // 2
+            pairs += [replace(p, q_stop=m, k_stop=p.k_start + n // 2), replace(p, q_start=m)]
+        else:
+            pairs.append(p)
+    return pairs
+
+
+def kernel_choice_case(ulysses, ring, layout, packed=False, backend="cpu_flash", heads=(4, 2),
+                       head_groups="auto") -> dict:
+    """One attention call (forward and backward, float64) over a schedule with unequal causal blocks
+    (``split_causal_schedule``): exact with ``backend`` although it takes causal blocks square only,
+    since the plan cuts the blocks to fit it; returns how often a kernel was chosen and what the
+    plan was handed and made."""
+    from lightning_sp.core.attention import ring as ring_mod
+
+    chosen, fitted = [], []
+    schedule, select, fit = ring_mod.block_schedule, ring_mod.select_kernel, ring_mod.square_causal
+
+    def counting_select(*args, **kwargs):
+        kernel = select(*args, **kwargs)
+        chosen.append(kernel.name)
+        return kernel
+
+    def recording_fit(pairs):
+        fitted.append((pairs, fit(pairs)))
+        return fitted[-1][1]
+
+    ring_mod.block_schedule, ring_mod.select_kernel, ring_mod.square_causal = (split_causal_schedule,
+                                                                              counting_select, recording_fit)
+    try:
+        if packed:
+            varlen_case(ulysses, ring, layout, True, *heads, [13, 30, 7, 21], backend=backend, head_groups=head_groups)
+        else:
+            dense_case(ulysses, ring, layout, True, *heads, backend=backend, head_groups=head_groups)
+    finally:
+        ring_mod.block_schedule, ring_mod.select_kernel, ring_mod.square_causal = schedule, select, fit
+    unequal = lambda p: p.causal and p.q_stop - p.q_start != p.k_stop - p.k_start  # noqa: E731
+    return {"chosen": chosen, "unequal_in": sum(unequal(p) for pairs, _ in fitted for p in pairs),
+            "unequal_out": sum(unequal(p) for _, pairs in fitted for p in pairs)}
 
 
 def error_message(case: str) -> str:

@@ -160,6 +160,20 @@ def test_head_groups_packed_documents(worlds):
     assert max(max(e.values()) for e in errs) < 1e-10
 
 
+@pytest.mark.parametrize("world,u,r,layout,packed,backend,heads,groups", [
+    (1, 1, 1, "zigzag", False, "cpu_flash", (4, 2), "auto"), (1, 1, 1, "contiguous", True, "cpu_flash", (4, 2), "auto"),
+    (1, 1, 1, "stripe", False, "auto", (4, 2), "auto"), (2, 1, 2, "stripe", False, "cpu_flash", (4, 2), "auto"),
+    (2, 1, 2, "zigzag", True, "auto", (4, 2), "auto"), (4, 2, 2, "zigzag", False, "cpu_flash", (4, 4), 2)])
+def test_kernel_chosen_once_blocks_cut_to_fit(worlds, world, u, r, layout, packed, backend, heads, groups):
+    """A schedule with causal blocks of fewer queries than keys runs exactly on cpu_flash, which
+    aligns causal masks top-left: the plan cuts those blocks to fit the kernel, chosen once per
+    attention call (forward, backward and every head group), not per block; ``auto`` picks it too."""
+    results = _run(worlds, world, C.kernel_choice_case, u, r, layout, packed, backend, heads, groups)
+    for res in results:
+        assert res["chosen"] == ["cpu_flash"], res["chosen"]
+        assert res["unequal_in"] > 0 and res["unequal_out"] == 0, res
+
+
 @pytest.mark.parametrize("dtype,head_dim,offset,wide", [
     (torch.bfloat16, 64, 0, True),    # the layout copies of Ulysses: 8-byte views
     (torch.float32, 2, 0, True),

@@ -95,6 +95,16 @@ def test_auto_picks_fastest_that_accepts():
     assert K.auto_order()[:2] == ["fa4", "cudnn"]  # on a GPU: FA4, then cuDNN
 
 
+def test_one_kernel_for_every_mask_of_a_call():
+    """``masks``: the kernel must take every (causal, window) a call's blocks have."""
+    q = torch.randn(1, 8, 2, 16)
+    assert K.select_kernel("auto", q, q, masks=[(True, K.NO_WINDOW), (False, K.NO_WINDOW)]).name == "cpu_flash"
+    assert K.select_kernel("auto", q, q, masks=[(True, K.NO_WINDOW), (False, (2, 0))]).name == "reference"
+    with pytest.raises(K.KernelError, match="backend 'cpu_flash' cannot run this attention block: cpu_flash has no "
+                                            "sliding-window support"):
+        K.select_kernel("cpu_flash", q, q, masks=[(False, K.NO_WINDOW), (False, (2, 0))])
+
+
 def test_unknown_backend_names_supported():
     with pytest.raises(K.KernelError, match=r"unknown attention backend 'triton'; supported: auto, fa4, .*reference"):
         K.get_kernel("triton")

@@ -82,6 +82,32 @@ def test_block_schedule_reproduces_the_position_mask(layout):
             assert torch.equal(got, ok.long()), (layout, R, n, causal, window, r, s)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
+def test_block_schedule_calls_are_plain(layout):
+    """Every call is trimmed to the rows and keys its mask touches: causal blocks are square and window
+    bounds are never negative, so every kernel that takes windows (FA4 included) takes every call."""
+    windows = [(None, None), (3, None), (0, None), (5, 2), (None, 4), (1, 1), (7, 0), (2, 5), (0, 0)]
+    for R, n, causal, window in itertools.product([1, 2, 3, 4], [2, 4, 8, 12], [False, True], windows):
+        for r, s in itertools.product(range(R), range(R)):
+            for p in L.block_schedule(layout, r, s, R, n, causal, window):
+                assert not p.causal or p.q_stop - p.q_start == p.k_stop - p.k_start, p
+                assert all(w is None or w >= 0 for w in p.window), p
+                assert p.q_stop > p.q_start and p.k_stop > p.k_start, p
+
+
+@pytest.mark.parametrize("window", [(None, None), (2, None), (None, 1), (3, 0)])
+@pytest.mark.parametrize("nq,nk", [(3, 7), (7, 3), (5, 5), (1, 4), (4, 1)])
+def test_square_causal_keeps_the_mask(nq, nk, window):
+    """A causal block of unequal lengths (bottom-right) becomes calls with square causal blocks (or
+    windows) that cover exactly the same pairs, once."""
+    pair = L.BlockPair(0, nq, 0, nk, causal=True, window=window)
+    n = max(nq, nk)
+    fitted = L.square_causal([pair])
+    assert torch.equal(_mask_of(fitted, n), _mask_of([pair], n))
+    assert all(not p.causal or p.q_stop - p.q_start == p.k_stop - p.k_start for p in fitted)
+    assert L.square_causal([L.BlockPair(0, 4, 0, 4, causal=True)]) == [L.BlockPair(0, 4, 0, 4, causal=True)]
+
+
 @pytest.mark.parametrize("layout", ["zigzag", "stripe"])
 def test_balanced_layouts_do_equal_causal_work(layout):
     R, n = 4, 16

@@ -10,7 +10,7 @@ import lightning_sp
 from lightning_sp import layout as L
 from lightning_sp.attention import ring as ring_mod
 from lightning_sp.attention.merge import OutputAccumulator, PartialSum, merge_, take
-from lightning_sp.attention.ring import RingSpec, StepPlan, _kernel_backward, _kernel_forward
+from lightning_sp.attention.ring import RingSpec, StepPlan
 from lightning_sp.core.mesh import rank_coordinates
 
 BF16, F32 = torch.bfloat16, torch.float32
@@ -182,7 +182,8 @@ def test_output_accumulator_two_blocks(sels, dtype):
 
 def _plan(layout, R, r, causal=True, window=(None, None), n=16, cu=None):
     mesh = rank_coordinates(ring_size=R, ring_rank=r)
-    return StepPlan(RingSpec(mesh, layout, causal, 1.0, window, "auto", cu), n, "cpu")
+    q = torch.zeros((n, 2, 8) if cu else (1, n, 2, 8), dtype=BF16)  # varlen: (tokens, heads, head_dim)
+    return StepPlan(RingSpec(mesh, layout, causal, 1.0, window, "auto", cu), q, q)
 
 
 def _send_dtypes(R, **kw):
@@ -220,14 +221,14 @@ def _previous_ring(specs, q, k, v, dout):
     gradients summed in float32 in the backward's order (the owner's sum from the rank after it down
     to itself), each rounded once at the end."""
     R = len(specs)
-    plans = [StepPlan(s, q[0].shape[1], "cpu") for s in specs]
+    plans = [StepPlan(s, q[r], k[r]) for r, s in enumerate(specs)]
     outs, lses = [], []
     for r in range(R):
         out, lse = torch.zeros(q[r].shape), torch.full(q[r].shape[:-1], float("-inf"))
         for step, calls in enumerate(plans[r].steps):
             kv = (r - step) % R
             for call in calls:
-                o, l = _kernel_forward(specs[r], call, q[r], k[kv], v[kv])
+                o, l = plans[r].forward(call, q[r], k[kv], v[kv])
                 merge_(take(out, call.q_sel, 1), take(lse, call.q_sel, 1), o, l)
         outs.append(out.to(BF16))
         lses.append(lse)
@@ -237,7 +238,7 @@ def _previous_ring(specs, q, k, v, dout):
             kv = (r + 1 + hop) % R
             lse_k = lses[r].transpose(-1, -2).contiguous()
             for call in plans[r].steps[R - 1 - hop]:
-                gq, gk, gv = _kernel_backward(specs[r], call, dout[r], q[r], k[kv], v[kv], outs[r], lse_k)
+                gq, gk, gv = plans[r].backward(call, dout[r], q[r], k[kv], v[kv], outs[r], lse_k)
                 take(dq[r], call.q_sel, 1).add_(gq)
                 take(dk[kv], call.k_sel, 1).add_(gk)
                 take(dv[kv], call.k_sel, 1).add_(gv)

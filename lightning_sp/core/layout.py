@@ -13,7 +13,7 @@ schedule from :func:`block_schedule`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -243,27 +243,53 @@ def _runs(layout: str, ring_rank: int, ring_size: int, n_local: int):
 
 
 def _classify(qrun, krun, causal: bool, window) -> BlockPair | None:
-    """Turn 'position mask restricted to two runs' into one kernel call (or None when empty)."""
+    """Turn 'position mask restricted to two runs' into one kernel call (or None when empty): the
+    rows and columns the mask touches, with a causal mask where it is one and otherwise window
+    bounds, which are then never negative."""
     (qs, qp, nq, stride), (ks, kp, nk, _) = qrun, krun
     left, right = window
     bounds = [b for b in (0 if causal else None, None if right is None else -right) if b is not None]
     lo_d = max(bounds) if bounds else None  # smallest allowed q_pos - k_pos
     delta = qp - kp
-    # allowed: lo_t <= i - j <= hi_t in local indices
-    lo_t = None if lo_d is None else -((delta - lo_d) // stride)
-    hi_t = None if left is None else (left - delta) // stride
-    if (lo_t is not None and lo_t > nq - 1) or (hi_t is not None and hi_t < -(nk - 1)):
+    # allowed: lo <= i - j <= hi in local indices (None: unbounded)
+    lo = None if lo_d is None else -((delta - lo_d) // stride)
+    hi = None if left is None else (left - delta) // stride
+    if lo is not None and hi is not None and lo > hi:
         return None
-    lo_free = lo_t is None or lo_t <= -(nk - 1)
-    hi_free = hi_t is None or hi_t >= nq - 1
-    if lo_free and hi_free:
-        return BlockPair(qs, qs + nq, ks, ks + nk)
-    if hi_free and 0 < nq - lo_t <= nk:
-        # a shifted causal mask: drop the query rows that see nothing and the keys nobody sees
-        qa = max(lo_t, 0)
-        return BlockPair(qs + qa, qs + nq, ks, ks + nq - lo_t, causal=True)
-    return BlockPair(qs, qs + nq, ks, ks + nk,
-                     window=(None if hi_free else hi_t + nk - nq, None if lo_free else -lo_t - (nk - nq)))
+    r0, r1 = (0 if lo is None else max(0, lo)), (nq if hi is None else min(nq, nk + hi))  # rows that see a key
+    c0, c1 = (0 if hi is None else max(0, -hi)), (nk if lo is None else min(nk, nq - lo))  # keys that are seen
+    if r0 >= r1 or c0 >= c1:
+        return None
+    nq, nk, shift = r1 - r0, c1 - c0, c0 - r0
+    lo = None if lo is None or lo + shift <= -(nk - 1) else lo + shift
+    hi = None if hi is None or hi + shift >= nq - 1 else hi + shift
+    pair = BlockPair(qs + r0, qs + r1, ks + c0, ks + c1)
+    if lo is None and hi is None:
+        return pair
+    if hi is None and lo == nq - nk:  # bottom-right causal
+        return replace(pair, causal=True)
+    return replace(pair, window=(None if hi is None else hi + nk - nq, None if lo is None else nq - nk - lo))
+
+
+def square_causal(pairs: list[BlockPair]) -> list[BlockPair]:
+    """The same mask in calls whose causal blocks are square, for kernels that align a causal mask
+    top-left (or only take it square): a causal block with more keys than queries becomes the
+    keys every query sees (no mask) plus a square causal block; one with more queries than keys
+    drops the rows that see nothing. A causal block with a window becomes a window block."""
+    out = []
+    for p in pairs:
+        nq, nk = p.q_stop - p.q_start, p.k_stop - p.k_start
+        if not p.causal or nq == nk:
+            out.append(p)
+        elif p.window != (None, None):
+            left, right = p.window
+            out.append(replace(p, causal=False, window=(left, 0 if right is None else min(right, 0))))
+        elif nq < nk:
+            split = p.k_stop - nq
+            out += [replace(p, k_stop=split, causal=False), replace(p, k_start=split)]
+        else:
+            out.append(replace(p, q_start=p.q_stop - nk))
+    return out
 
 
 def block_schedule(layout: str, q_rank: int, kv_rank: int, ring_size: int, n_local: int,

@@ -58,17 +58,16 @@ class _HybridAttention(torch.autograd.Function):
         packed = inputs[-1] if len(inputs) < 3 else None
         kv_packed = packed if packed is not None and spec.mesh.ulysses_size == 1 else None
         scatter, gather = HeadScatter(unpack(inputs), spec.mesh, groups), HeadGather(spec.mesh, groups)
-        saved, plans, lses = [], [], []
+        saved, plan, lses = [], None, []
         for g in range(groups):
             qg, kg, vg = (x[0] if varlen else x for x in scatter[g])
             message_in = kv_packed[0] if varlen and kv_packed is not None else kv_packed
-            out, lse, plan, message = ring_forward(spec, qg, kg, vg, message_in)
+            out, lse, plan, message = ring_forward(spec, qg, kg, vg, message_in, plan)  # one plan for all groups
             gather.send(g, [out.unsqueeze(0) if varlen else out])
             saved += [qg, kg, vg, out, lse, *message]
-            plans.append(plan)
             lses.append(lse)
         ctx.save_for_backward(*saved)
-        ctx.spec, ctx.groups, ctx.plans = spec, groups, plans
+        ctx.spec, ctx.groups, ctx.plan = spec, groups, plan
         ctx.packed_shapes = [x.shape for x in inputs] if packed is not None else None
         lse = torch.cat(lses, dim=-1) if groups > 1 else lses[0]
         ctx.mark_non_differentiable(lse)
@@ -91,7 +90,7 @@ class _HybridAttention(torch.autograd.Function):
         for g in range(ctx.groups):
             dout_g = scatter[g][0]
             q, k, v, out, lse, *message = saved[per_group * g:per_group * (g + 1)]
-            grads = ring_backward(spec, ctx.plans[g], dout_g[0] if varlen else dout_g, q, k, v, out, lse, message,
+            grads = ring_backward(spec, ctx.plan, dout_g[0] if varlen else dout_g, q, k, v, out, lse, message,
                                   into=ring_into)
             gather.send(g, [x.unsqueeze(0) for x in grads] if varlen else grads)
         grads = gather.result(into=into if U > 1 else None)

@@ -10,7 +10,7 @@ import torch
 
 from ..comm import RingExchange
 from ..kernels import lse_dtype, select_kernel
-from ..layout import block_schedule
+from ..layout import BlockPair, block_schedule, square_causal
 from ..mesh import SPMesh
 from .merge import OutputAccumulator, PartialSum, covers_all, take
 
@@ -45,16 +45,21 @@ class BlockCall:
 
 
 class StepPlan:
-    """The block calls of every ring step for this rank, built once per forward and kept for backward."""
+    """The block kernel and the block calls of every ring step for this rank: made once per attention
+    call (from the first head group's q and k) and kept for every head group and the backward.
 
-    def __init__(self, spec: RingSpec, n_local: int, device):
-        self.spec, self.n_local, self.device = spec, n_local, device
+    The kernel is chosen once, for every block of the schedule; blocks are then cut to fit it (see
+    ``layout.square_causal``)."""
 
-    @cached_property
-    def steps(self) -> list[list[BlockCall]]:
-        mesh = self.spec.mesh
-        return [self._calls(mesh.ring_rank, (mesh.ring_rank - step) % mesh.ring_size)
-                for step in range(mesh.ring_size)]
+    def __init__(self, spec: RingSpec, q: torch.Tensor, k: torch.Tensor):
+        self.spec, self.n_local, self.device = spec, q.shape[spec.seq_dim], q.device
+        mesh = spec.mesh
+        schedule = [self._pairs(mesh.ring_rank, (mesh.ring_rank - step) % mesh.ring_size)
+                    for step in range(mesh.ring_size)]
+        masks = {(p.causal, p.window) for step in schedule for _, pairs in step for p in pairs}
+        # q and k have equal lengths here: a causal block of unequal lengths is cut to fit the kernel
+        self.kernel = select_kernel(spec.backend, q, k, masks=masks)
+        self.steps = [self._calls(step) for step in schedule]
 
     @cached_property
     def merges_once(self) -> bool:
@@ -67,12 +72,12 @@ class StepPlan:
     @cached_property
     def _first_hop_single(self) -> bool:
         """Dense: at backward step 0 (the forward's last step) the calls of every ring rank give each
-        key row at most one term."""
+        key row at most one term (cutting blocks to fit a kernel splits no key row)."""
         if self.spec.cu_seqlens is not None:
             return False
         R = self.spec.mesh.ring_size
-        return all(_max_depth([call.k_sel for call in self._calls(r, (r + 1) % R)], self.n_local) <= 1
-                   for r in range(R))
+        return all(_max_depth([slice(p.k_start, p.k_stop) for _, pairs in self._pairs(r, (r + 1) % R)
+                               for p in pairs], self.n_local) <= 1 for r in range(R))
 
     def grad_send_dtype(self, step: int, dtype: torch.dtype) -> torch.dtype:
         """The dtype in which backward step ``step`` sends its dK/dV partial sums: float32, so that the
@@ -81,20 +86,25 @@ class StepPlan:
         receive buffers are made like the tensors sent."""
         return dtype if step == 0 and self._first_hop_single else lse_dtype(dtype)
 
-    def _calls(self, q_rank: int, kv_rank: int) -> list[BlockCall]:
+    def _pairs(self, q_rank: int, kv_rank: int) -> list[tuple[int, list[BlockPair]]]:
+        """(start, block pairs) of every document (dense: the sequence) for one step."""
         s = self.spec
-        R = s.mesh.ring_size
-        if s.cu_seqlens is None:
-            pairs = block_schedule(s.layout, q_rank, kv_rank, R, self.n_local, s.causal, s.window)
-            return [BlockCall(_slice(p.q_start, p.q_stop, self.n_local), _slice(p.k_start, p.k_stop, self.n_local),
-                              p.causal, p.window) for p in pairs]
-        # varlen: each document gets its own schedule; calls of the same mask kind are batched, but a
-        # query row appears at most once per call (its partial results are merged one at a time)
+        bounds = s.cu_seqlens if s.cu_seqlens is not None else (0, self.n_local)
+        return [(start, block_schedule(s.layout, q_rank, kv_rank, s.mesh.ring_size, stop - start, s.causal,
+                                       s.window)) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+    def _calls(self, step: list[tuple[int, list[BlockPair]]]) -> list[BlockCall]:
+        fit = (lambda pairs: pairs) if self.kernel.supports_unequal_causal else square_causal
+        if self.spec.cu_seqlens is None:
+            n = self.n_local
+            return [BlockCall(_slice(p.q_start, p.q_stop, n), _slice(p.k_start, p.k_stop, n), p.causal, p.window)
+                    for _, pairs in step for p in fit(pairs)]
+        # varlen: calls of the same mask kind are batched over documents, but a query row appears at
+        # most once per call (its partial results are merged one at a time)
         groups: dict[tuple, list] = {}
-        bounds = s.cu_seqlens
-        for start, stop in zip(bounds[:-1], bounds[1:]):
+        for start, pairs in step:
             seen: dict[tuple, int] = {}
-            for p in block_schedule(s.layout, q_rank, kv_rank, R, stop - start, s.causal, s.window):
+            for p in fit(pairs):
                 kind = (p.causal, p.window)
                 seen[kind] = seen.get(kind, -1) + 1
                 groups.setdefault((*kind, seen[kind]), []).append(
@@ -114,6 +124,27 @@ class StepPlan:
         k_sel, cu_k = selection([(c, d) for _, _, c, d in ranges])
         return BlockCall(q_sel, k_sel, causal, window, cu_q, cu_k)
 
+    def forward(self, call: BlockCall, q, k, v):
+        """(out, lse in row layout: (b, s, h) or (t, h)) of one block call."""
+        d = self.spec.seq_dim
+        qb, kb, vb = take(q, call.q_sel, d), take(k, call.k_sel, d), take(v, call.k_sel, d)
+        kw = dict(causal=call.causal, softmax_scale=self.spec.softmax_scale, window=call.window)
+        if call.cu_q is None:
+            out, lse = self.kernel.forward(qb, kb, vb, **kw)
+        else:
+            out, lse = self.kernel.forward_varlen(qb, kb, vb, call.cu_q, call.cu_k, **kw)
+        return out, lse.transpose(-1, -2)
+
+    def backward(self, call: BlockCall, dout, q, k, v, out, lse_k, into=(None, None, None)):
+        """(dq, dk, dv) of one block call's rows; ``lse_k`` in the kernel layout (b, h, s) or (h, t)."""
+        d = self.spec.seq_dim
+        args = (take(dout, call.q_sel, d), take(q, call.q_sel, d), take(k, call.k_sel, d), take(v, call.k_sel, d),
+                take(out, call.q_sel, d), take(lse_k, call.q_sel, lse_k.dim() - 1).contiguous())
+        kw = dict(causal=call.causal, softmax_scale=self.spec.softmax_scale, window=call.window)
+        if call.cu_q is None:
+            return self.kernel.backward(*args, **kw, into=into)
+        return self.kernel.backward_varlen(*args, call.cu_q, call.cu_k, **kw)
+
 
 def _slice(start: int, stop: int, n: int) -> slice:
     return slice(None) if (start, stop) == (0, n) else slice(start, stop)
@@ -129,30 +160,6 @@ def _doc_spans(cu):
     return [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
 
 
-def _kernel_forward(spec: RingSpec, call: BlockCall, q, k, v):
-    d = spec.seq_dim
-    qb, kb, vb = take(q, call.q_sel, d), take(k, call.k_sel, d), take(v, call.k_sel, d)
-    kernel = select_kernel(spec.backend, qb, kb, call.causal, call.window)
-    kw = dict(causal=call.causal, softmax_scale=spec.softmax_scale, window=call.window)
-    if call.cu_q is None:
-        out, lse = kernel.forward(qb, kb, vb, **kw)
-    else:
-        out, lse = kernel.forward_varlen(qb, kb, vb, call.cu_q, call.cu_k, **kw)
-    return out, lse.transpose(-1, -2)  # lse in row layout: (b, s, h) or (t, h)
-
-
-def _kernel_backward(spec: RingSpec, call: BlockCall, dout, q, k, v, out, lse_k, into=(None, None, None)):
-    d = spec.seq_dim
-    qb, kb, vb = take(q, call.q_sel, d), take(k, call.k_sel, d), take(v, call.k_sel, d)
-    args = (take(dout, call.q_sel, d), qb, kb, vb, take(out, call.q_sel, d),
-            take(lse_k, call.q_sel, lse_k.dim() - 1).contiguous())
-    kernel = select_kernel(spec.backend, qb, kb, call.causal, call.window)
-    kw = dict(causal=call.causal, softmax_scale=spec.softmax_scale, window=call.window)
-    if call.cu_q is None:
-        return kernel.backward(*args, **kw, into=into)
-    return kernel.backward_varlen(*args, call.cu_q, call.cu_k, **kw)
-
-
 def kv_views(message: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """k and v of a K/V block as the ring passes it: [k, v], or [packed] where packed holds k and v
     as its last two entries along dim -3 (a qkvpacked or kvpacked input)."""
@@ -160,12 +167,13 @@ def kv_views(message: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return k, v
 
 
-def ring_forward(spec: RingSpec, q, k, v, kv_packed: torch.Tensor | None = None):
+def ring_forward(spec: RingSpec, q, k, v, kv_packed: torch.Tensor | None = None, plan: StepPlan | None = None):
     """(out in q's dtype, lse in row layout, the plan, the K/V message of the last step) of exact
     attention over the whole ring. The backward starts from that last block (see ring_backward).
     ``kv_packed``: a contiguous tensor holding k and v (see kv_views), sent whole around the ring:
-    a strided k and v would be copied before every send."""
-    plan = StepPlan(spec, q.shape[spec.seq_dim], q.device)
+    a strided k and v would be copied before every send. ``plan``: the call's plan, made by the
+    first head group (None: made here)."""
+    plan = plan or StepPlan(spec, q, k)
     ring = RingExchange(spec.mesh) if spec.mesh.ring_size > 1 else None
     acc = OutputAccumulator(q, spec.seq_dim, merges_once=plan.merges_once)
     message = [kv_packed] if kv_packed is not None else [k, v]
@@ -173,7 +181,7 @@ def ring_forward(spec: RingSpec, q, k, v, kv_packed: torch.Tensor | None = None)
         pending = ring.start(message) if step + 1 < len(plan.steps) else None
         kv = kv_views(message)
         for call in calls:
-            acc.add(call.q_sel, *_kernel_forward(spec, call, q, *kv))
+            acc.add(call.q_sel, *plan.forward(call, q, *kv))
         if pending is not None:
             message = pending.wait()
     return acc.out.to(q.dtype), acc.lse, plan, message
@@ -206,7 +214,7 @@ def ring_backward(spec: RingSpec, plan: StepPlan, dout, q, k, v, out, lse, last_
                 dest[0], free[0] = free[0], None
             if step == last and covers_all(call.k_sel):
                 dest[1:], free[1:] = free[1:], [None, None]
-            grads.append((call, _kernel_backward(spec, call, dout, q, *kv, out, lse_k, tuple(dest))))
+            grads.append((call, plan.backward(call, dout, q, *kv, out, lse_k, tuple(dest))))
         # what the next rank summed for this same K/V block (it arrived while we computed)
         dk_prev, dv_prev = dkv_pending.wait() if dkv_pending is not None else (None, None)
         dk = PartialSum(k.shape, k.dtype, k.device, d, start=dk_prev)

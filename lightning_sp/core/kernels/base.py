@@ -160,18 +160,26 @@ def get_kernel(name: str) -> BlockKernel:
     return _REGISTRY[check_backend(name)]
 
 
-def select_kernel(backend: str, q, k, causal=False, window=NO_WINDOW) -> BlockKernel:
-    """The named backend (which must accept the call), or with "auto" the fastest that accepts it."""
+def select_kernel(backend: str, q, k, causal=False, window=NO_WINDOW, *, masks=None) -> BlockKernel:
+    """The named backend (which must accept the call), or with "auto" the fastest that accepts it.
+
+    ``masks``: the ``(causal, window)`` of every block the kernel is to run, to choose one kernel
+    for all of them (default: the one ``(causal, window)`` given)."""
+    masks = [(causal, window)] if masks is None else list(masks)
+
+    def why_not(kernel: BlockKernel) -> str | None:
+        return next((reason for c, w in masks if (reason := kernel.why_not(q, k, c, w))), None)
+
     if backend != "auto":
         kernel = get_kernel(backend)
-        reason = kernel.why_not(q, k, causal, window)
+        reason = why_not(kernel)
         if reason:
             raise KernelError(f"backend {backend!r} cannot run this attention block: {reason}; "
                               f"use backend='auto' or one of {', '.join(backends())}")
         return kernel
     reasons = []
     for name in _AUTO_ORDER:
-        reason = _REGISTRY[name].why_not(q, k, causal, window)
+        reason = why_not(_REGISTRY[name])
         if reason is None:
             return _REGISTRY[name]
         reasons.append(reason)
