@@ -27,6 +27,7 @@ LAYOUTS = ("basic", "contiguous", "zigzag", "stripe")
 
 
 def canonical_layout(layout: str) -> str:
+    """The layout's own name (``basic`` -> ``contiguous``, ``strip`` -> ``stripe``); an error naming the choices."""
     try:
         return LAYOUT_ALIASES[layout]
     except (KeyError, TypeError):
@@ -45,6 +46,7 @@ def layout_multiple(layout: str, mesh: SPMesh | None) -> int:
 
 
 def check_seq_len(seq_len: int, layout: str, mesh: SPMesh | None) -> None:
+    """An error naming the padded length where a dense sequence does not split over the mesh."""
     m = layout_multiple(layout, mesh)
     if seq_len % m:
         mesh = mesh or single_process_mesh()

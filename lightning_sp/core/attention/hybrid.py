@@ -26,6 +26,7 @@ def normalize_window(window_size) -> tuple:
 
 
 def reject_unsupported(dropout_p=0.0, alibi_slopes=None) -> None:
+    """flash-attn options the exact attention does not have: an error naming the fix where one is set."""
     if dropout_p:
         raise SPConfigError(f"dropout_p={dropout_p} is not supported by sequence-parallel attention; "
                             f"pass dropout_p=0.0 and apply dropout outside the attention")

@@ -29,6 +29,7 @@ NO_WINDOW = (None, None)
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the log-sum-exp and of sums over blocks: float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -136,6 +137,7 @@ _AUTO_ORDER: list[str] = []  # fastest first
 
 
 def register(kernel: BlockKernel, auto_rank: int | None = None) -> BlockKernel:
+    """Make ``kernel`` a backend by its name; ``auto_rank``: its place in ``auto``'s order (0 first)."""
     _REGISTRY[kernel.name] = kernel
     if auto_rank is not None and kernel.name not in _AUTO_ORDER:
         _AUTO_ORDER.insert(min(auto_rank, len(_AUTO_ORDER)), kernel.name)
@@ -143,6 +145,7 @@ def register(kernel: BlockKernel, auto_rank: int | None = None) -> BlockKernel:
 
 
 def backends() -> list[str]:
+    """The backend names a caller may ask for: ``auto`` and every registered kernel."""
     return ["auto", *_REGISTRY]
 
 
@@ -187,4 +190,5 @@ def select_kernel(backend: str, q, k, causal=False, window=NO_WINDOW, *, masks=N
 
 
 def auto_order() -> list[str]:
+    """The backends ``auto`` tries, fastest first."""
     return list(_AUTO_ORDER)

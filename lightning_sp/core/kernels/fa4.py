@@ -22,6 +22,8 @@ def _window_args(window):
 
 
 class FA4Kernel(BlockKernel):
+    """FlashAttention-4 on Hopper and Blackwell: windows, unequal causal blocks and varlen natively."""
+
     name = "fa4"
     supports_window = True
     supports_unequal_causal = True

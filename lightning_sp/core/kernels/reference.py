@@ -24,6 +24,8 @@ def block_mask(sq: int, sk: int, causal: bool, window, device) -> torch.Tensor |
 
 
 class ReferenceKernel(BlockKernel):
+    """Every mask in every dtype, with the whole score matrix in memory: the yardstick and the last resort."""
+
     name = "reference"
     supports_window = True
     supports_unequal_causal = True

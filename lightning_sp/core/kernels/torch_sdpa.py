@@ -37,6 +37,8 @@ class _AtenKernel(BlockKernel):
 
 
 class CpuFlashKernel(_AtenKernel):
+    """torch's flash attention for CPU tensors, any float dtype."""
+
     name = "cpu_flash"
     device_type = "cpu"
     dtypes = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -58,6 +60,8 @@ class CpuFlashKernel(_AtenKernel):
 
 
 class CudnnKernel(_AtenKernel):
+    """cuDNN's attention (float16, bfloat16; head dims up to 128)."""
+
     name = "cudnn"
     max_head_dim = 128
 
@@ -75,6 +79,8 @@ class CudnnKernel(_AtenKernel):
 
 
 class FlashKernel(_AtenKernel):
+    """torch's CUDA flash attention (float16, bfloat16)."""
+
     name = "flash"
 
     def _forward(self, q, k, v, causal, scale, window):
@@ -90,6 +96,8 @@ class FlashKernel(_AtenKernel):
 
 
 class EfficientKernel(_AtenKernel):
+    """torch's memory-efficient CUDA attention (float32 too); KV heads expanded for GQA."""
+
     name = "efficient"
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     native_gqa = False
