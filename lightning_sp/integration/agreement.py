@@ -54,7 +54,7 @@ def _collective_device() -> torch.device:
 
 
 def agree_on_batch(problem: str | None, description: Any, mesh: SPMesh, describe_difference) -> None:
-    """Collective over all ranks of ``mesh``, once per batch: raise the same error on every rank if
+    """Collective over all ranks of ``mesh`` (a world of several processes), once per batch: raise the same error on every rank if
     any rank's batch is invalid (``problem``) or if the ranks of a sequence-parallel group hold
     batches with different ``description`` (keys, shapes, ...).
 
@@ -64,9 +64,6 @@ def agree_on_batch(problem: str | None, description: Any, mesh: SPMesh, describe
     descriptions gathered, so every rank can raise the same message;
     ``describe_difference(groups, descriptions, sp_size)`` words a difference between ranks.
     """
-    if mesh.world_size == 1:
-        _raise_first([problem])
-        return
     mine = _LOW if problem is not None else fingerprint(description)
     table = torch.full((mesh.dp_size, 3), _LOW, dtype=torch.int64)
     table[:, 0] = 0

@@ -83,7 +83,7 @@ def prepare_batch(batch: Mapping, mesh: SPMesh | None = None, *, layout: str | N
         plan = _Plan(batch, mesh, layout, tuple(shard_keys), pad_to_multiple)
     except SPConfigError as err:
         problem = str(err)
-    if agree:
+    if agree and mesh.world_size > 1:
         description = None if plan is None else plan.description(batch, check_identical)
         agree_on_batch(problem, description, mesh, _describe_difference)
     elif problem is not None:
