@@ -137,6 +137,25 @@ def test_forced_offload_trains_bit_for_bit_like_no_offload(case):
     assert _bitwise_equal(want, got) == []
 
 
+def test_forced_offload_with_compiled_blocks_trains_bit_for_bit_like_no_offload(monkeypatch):
+    """compile_blocks (aot_eager: no C++ compiler needed): the compiled parts run inside the
+    checkpoint, whose own saved-tensor hooks are innermost; the offload's are around it."""
+    from lightning_sp.app.models import llama
+
+    parts = llama._compiled_parts
+    monkeypatch.setattr(llama, "_compiled_parts", lambda: parts("aot_eager"))
+    torch._dynamo.reset()
+    try:
+        want, _ = _train(tiny(compile_blocks=True, mlp_chunk_size=16))
+        model = tiny(compile_blocks=True, mlp_chunk_size=16, offload_checkpoints=True)
+        checked = model.checkpoint_offload = CheckedOffload()
+        got, _ = _train(model, offload=checked)
+    finally:
+        torch._dynamo.reset()
+    assert checked.restored == 6 and checked.mismatches == 0
+    assert _bitwise_equal(want, got) == []
+
+
 def test_a_corrupted_host_buffer_is_caught():
     """The comparisons above can fail: one flipped bit in one host buffer shows in both."""
     want, _ = _train(tiny())
@@ -184,6 +203,14 @@ def test_offload_needs_full_checkpointing_and_says_so():
     with pytest.raises(SPConfigError, match="needs activation_checkpointing='full'"):
         model(torch.zeros(1, 8, dtype=torch.long))
     assert tiny().checkpoint_offload is None
+
+
+def test_checkpoints_are_the_same_with_and_without_offload():
+    """The offload is no state: the state dict (so a checkpoint, and resuming from one) is unchanged."""
+    with_offload, without = tiny(offload_checkpoints=True), tiny()
+    assert list(with_offload.state_dict()) == list(without.state_dict())
+    without.load_state_dict(with_offload.state_dict())
+    with_offload.load_state_dict(without.state_dict())
 
 
 def test_inference_moves_nothing():
