@@ -21,6 +21,7 @@ _LOW = -(2 ** 62)  # below every fingerprint: the identity of the MAX reduction
 
 
 def world_size() -> int:
+    """Processes of the default group (1 without one)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 

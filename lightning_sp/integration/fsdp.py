@@ -64,6 +64,7 @@ class UlyssesRingFSDPStrategy(UlyssesRingStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry) -> None:
+        """``ulysses_ring_fsdp``."""
         strategy_registry.register("ulysses_ring_fsdp", cls, override=True,
                                    description="Ulysses x ring sequence parallelism with FSDP2 over the dp x sequence mesh")
 

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 
 
 def is_sized(loader) -> bool:
+    """Whether ``len(loader)`` works (a map-style dataset's loader)."""
     try:
         return len(loader) >= 0
     except (TypeError, NotImplementedError):

@@ -76,6 +76,7 @@ class UlyssesRingStrategy(DDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry) -> None:
+        """``ulysses_ring``, ``ulysses`` (ring degree 1) and ``ring`` (ulysses degree 1)."""
         strategy_registry.register("ulysses_ring", cls, override=True,
                                    description="Ulysses within a node x ring across nodes x data parallelism (DDP)")
         strategy_registry.register("ulysses", cls, override=True, ring_degree=1,
@@ -113,14 +114,17 @@ class UlyssesRingStrategy(DDPStrategy):
 
     @property
     def backend(self) -> str | None:
+        """The kernel backend bound into the attention layers (None: each keeps its own)."""
         return self._choices.backend
 
     @property
     def head_groups(self) -> int | str | None:
+        """The head groups bound into the attention layers (None: each keeps its own)."""
         return self._choices.head_groups
 
     @property
     def sp_mesh(self) -> SPMesh:
+        """This rank's dp x ring x ulysses mesh (from setup_environment on)."""
         if self._sp_mesh is None:
             raise RuntimeError("the sequence-parallel mesh is built in setup_environment(); it does not exist yet")
         return self._sp_mesh
@@ -132,6 +136,7 @@ class UlyssesRingStrategy(DDPStrategy):
 
     @property
     def dp_size(self) -> int:
+        """The data-parallel degree (shard iterable datasets by it)."""
         return self.sp_mesh.dp_size
 
     def resolve_config(self, world_size: int, node_devices: int, attention_heads: int | None = None) -> SPConfig:
