@@ -39,9 +39,10 @@ def resume_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
 
 
 def prompt_batch(datamodule) -> dict:
-    """The first training sample, cut before its answer, as a prediction batch."""
+    """The first training sample, cut before its first answer (the first labelled token after at least
+    one token of prompt), as a prediction batch."""
     sample = datamodule.train[0]
-    answer = int((sample["labels"] != -100).nonzero()[0])
+    answer = 1 + int((sample["labels"][1:] != -100).nonzero()[0])
     return {"input_ids": sample["input_ids"][None, :answer], "prompt_length": answer,
             "answer": int(sample["labels"][answer])}
 
