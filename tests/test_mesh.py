@@ -21,3 +21,26 @@ def test_same_degrees_reuse_the_mesh(worlds):
     results = worlds(4).run(C.mesh_reuse_case, timeout=60)
     for r in results:  # a new mesh would have started gloo threads for its groups
         assert r["threads_after"] == r["threads_before"], r
+
+
+def test_build_mesh_from_config(worlds):
+    results = worlds(4).run(_from_config, timeout=60)
+    for r in results:
+        assert r["same_groups"] and r["transport"] == ("nccl", "auto") and r["sizes"] == (1, 2, 2)
+        assert r["error"] == ("the config's world_size is 8 but the default process group has 4 ranks; build "
+                              "the config with world_size=4")
+
+
+def _from_config():
+    import lightning_sp
+    from lightning_sp import SPConfig, SPConfigError, build_mesh
+    mesh = build_mesh(SPConfig(ulysses_degree=2, ring_degree=2, world_size=4, transport="nccl"))
+    again = lightning_sp.init_sp_mesh(ulysses_degree=2, ring_degree=2)  # the same degrees: the same groups
+    try:
+        build_mesh(SPConfig(ring_degree=2, world_size=8))
+        error = None
+    except SPConfigError as exc:
+        error = str(exc)
+    return {"same_groups": mesh.ring_group is again.ring_group and mesh.sp_group is again.sp_group,
+            "transport": (mesh.config.transport, again.config.transport),
+            "sizes": (mesh.dp_size, mesh.ring_size, mesh.ulysses_size), "error": error}
