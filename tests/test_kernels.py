@@ -116,3 +116,18 @@ def test_declining_backend_says_why():
         K.select_kernel("cpu_flash", q, q, window=(4, 0))
     with pytest.raises(K.KernelError, match="cudnn runs on cuda|cudnn is not installed"):
         K.select_kernel("cudnn", q, q)
+
+
+def test_auto_never_gives_the_reference_kernel_a_large_block_on_a_gpu():
+    """On CUDA, ``auto`` falling back to the reference kernel for a block over 1024 x 1024 (query rows
+    x keys) is an error naming the block and its window; smaller blocks, an explicit
+    ``backend='reference'``, another kernel or a CPU tensor pass."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # only the device type is read
+    ref, fused = K.get_kernel("reference"), K.get_kernel("cpu_flash")
+    big = [(1024, 1024, False, (None, None)), (2048, 1536, False, (1023, 0))]
+    with pytest.raises(K.KernelError, match=r"2048 query rows x 1536 keys \(causal=False, window=\(1023, 0\)\)"):
+        K.check_auto_fallback("auto", ref, cuda, big)
+    K.check_auto_fallback("auto", ref, cuda, big[:1])
+    K.check_auto_fallback("reference", ref, cuda, big)
+    K.check_auto_fallback("auto", fused, cuda, big)
+    K.check_auto_fallback("auto", ref, cpu, big)

@@ -9,7 +9,7 @@ from functools import cached_property
 import torch
 
 from ..comm import RingExchange
-from ..kernels import lse_dtype, select_kernel
+from ..kernels import check_auto_fallback, lse_dtype, select_kernel
 from ..layout import BlockPair, block_schedule, square_causal
 from ..mesh import SPMesh
 from .merge import OutputAccumulator, PartialSum, covers_all, take
@@ -59,6 +59,9 @@ class StepPlan:
         masks = {(p.causal, p.window) for step in schedule for _, pairs in step for p in pairs}
         # q and k have equal lengths here: a causal block of unequal lengths is cut to fit the kernel
         self.kernel = select_kernel(spec.backend, q, k, masks=masks)
+        check_auto_fallback(spec.backend, self.kernel, q.device,
+                            [(p.q_stop - p.q_start, p.k_stop - p.k_start, p.causal, p.window)
+                             for step in schedule for _, pairs in step for p in pairs])
         self.steps = [self._calls(step) for step in schedule]
 
     @cached_property

@@ -42,6 +42,7 @@ class BlockKernel:
     supports_unequal_causal = False  # causal with sq != sk (bottom-right)
     native_gqa = True
     writes_into = False  # _backward takes ``into`` and writes the gradients there itself
+    device_type: str | None = None  # the only device type it runs on ("cuda"), or None: any
 
     def available(self) -> bool:
         return True
@@ -51,6 +52,8 @@ class BlockKernel:
         return None
 
     def why_not(self, q, k, causal=False, window=NO_WINDOW) -> str | None:
+        if self.device_type == "cuda" and not torch.cuda.is_available():
+            return f"{self.name} runs on CUDA GPUs only and this process sees none"
         if not self.available():
             return f"{self.name} is not installed"
         if window != NO_WINDOW and not self.supports_window:
@@ -187,6 +190,27 @@ def select_kernel(backend: str, q, k, causal=False, window=NO_WINDOW, *, masks=N
             return _REGISTRY[name]
         reasons.append(reason)
     raise KernelError("no attention backend accepts this block: " + "; ".join(reasons))
+
+
+# The largest block (query rows x keys) ``auto`` may give the reference kernel on a GPU: it builds the
+# whole float32 score matrix, so a larger block would run orders of magnitude slower than a fused
+# kernel or run out of memory.
+REFERENCE_BLOCK_LIMIT = 1024 * 1024
+
+
+def check_auto_fallback(backend: str, kernel: BlockKernel, device: torch.device, blocks) -> None:
+    """Raise a KernelError where ``auto`` chose the reference kernel on a CUDA device for a block of
+    more than ``REFERENCE_BLOCK_LIMIT`` query rows x keys. ``blocks``: (rows, keys, causal, window)
+    of every block the kernel is to run."""
+    if backend != "auto" or kernel.name != "reference" or device.type != "cuda":
+        return
+    for rows, keys, causal, window in blocks:
+        if rows * keys > REFERENCE_BLOCK_LIMIT:
+            raise KernelError(
+                f"no fused attention kernel on this GPU accepts a block of {rows} query rows x {keys} keys "
+                f"(causal={causal}, window={window}), and the reference kernel would build its whole score "
+                f"matrix; install FlashAttention-4 (pip install 'lightning-sp[flash]', Hopper or Blackwell) "
+                f"for windows, use bfloat16/float16 inputs, or pass backend='reference' to run it anyway")
 
 
 def auto_order() -> list[str]:
