@@ -104,9 +104,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mlp_chunk_size", type=int, default=None,
                    help="tokens per MLP chunk, recomputed in the backward (default: the model config's)")
     p.add_argument("--offload", action="store_true", default=None,
-                   help="offload_checkpoints: full checkpointing's layer inputs in pinned host memory, copied on a side "
-                        "stream, prefetched a layer ahead (needs --checkpointing full, or the yaml's full) (default: "
-                        "the model config's)")
+                   help="offload_checkpoints: full checkpointing's layer inputs in pinned host memory, copied on a "
+                        "side stream, prefetched a layer ahead (needs --checkpointing full, or the yaml's full) "
+                        "(default: the model config's)")
     p.add_argument("--compile", action="store_true", default=None,
                    help="compile_blocks: torch.compile each layer's parts around the core attention (norms, "
                         "projections, RoPE, MLP, residuals; compiled in the warmup) (default: the model config's)")
@@ -269,7 +269,7 @@ def _make_timer(spec: dict):
                                peak_mem_gib_per_rank=[row[0] for row in gib] if cuda else None,
                                peak_reserved_gib_per_rank=[row[1] for row in gib] if cuda else None,
                                peak_host_rss_gib_per_rank=[row[0] for row in host],
-                               peak_pinned_gib_per_rank=[row[1] for row in host] if peaks["pinned"] is not None else None,
+                               peak_pinned_gib_per_rank=None if peaks["pinned"] is None else [row[1] for row in host],
                                offload_host_gib_per_rank=[row[2] for row in host] if offload is not None else None)
 
     return StepTimer()
@@ -418,7 +418,8 @@ def worker(spec_path: str) -> int:
 
 def _host_fields(result: dict) -> dict:
     """The record's host-memory fields (GiB) from the ranks' peaks."""
-    rss, pinned, offload = (result[f"{k}_per_rank"] for k in ("peak_host_rss_gib", "peak_pinned_gib", "offload_host_gib"))
+    rss, pinned, offload = (result[f"{k}_per_rank"]
+                            for k in ("peak_host_rss_gib", "peak_pinned_gib", "offload_host_gib"))
     return dict(peak_host_rss_gib=max(rss), peak_host_rss_gib_per_rank=rss, peak_host_rss_gib_sum=sum(rss),
                 peak_pinned_gib=max(pinned) if pinned else None, peak_pinned_gib_per_rank=pinned,
                 offload_host_gib=max(offload) if offload else None, offload_host_gib_per_rank=offload)
@@ -511,7 +512,7 @@ def finish_record(args: argparse.Namespace, record: dict, started: str) -> dict:
     record.setdefault("checkpointing", args.checkpointing or _mode(model.get("activation_checkpointing")))
     record.setdefault("mlp_chunk_size", args.mlp_chunk_size or model.get("mlp_chunk_size"))
     record.setdefault("compile", bool(model.get("compile_blocks", False) if args.compile is None else args.compile))
-    record.setdefault("offload", bool(model.get("offload_checkpoints", False) if args.offload is None else args.offload))
+    record.setdefault("offload", bool(model.get("offload_checkpoints") if args.offload is None else args.offload))
     return {**head, **record, "args": {k: v for k, v in vars(args).items() if k != "worker"}}
 
 
@@ -556,7 +557,8 @@ def search_key(args: argparse.Namespace, card: str) -> str:
     _, model = load_model_config(args.model)
     fields = dict(card=card, model=args.model, strategy=args.strategy, devices=args.devices,
                   ulysses=args.ulysses_degree, ring=args.ring_degree, layout=args.ring_impl, backend=args.backend,
-                  precision=args.precision, checkpointing=args.checkpointing or _mode(model.get("activation_checkpointing")),
+                  precision=args.precision,
+                  checkpointing=args.checkpointing or _mode(model.get("activation_checkpointing")),
                   checkpointed_layers=args.checkpointed_layers or model.get("checkpointed_layers"),
                   mlp_chunk_size=args.mlp_chunk_size or model.get("mlp_chunk_size"),
                   compile=bool(model.get("compile_blocks") if args.compile is None else args.compile),
@@ -617,8 +619,8 @@ def _save_state(path: str, state: dict) -> None:
 def _not_launched(args: argparse.Namespace, seq_len: int, seconds: float, base: int) -> dict:
     return dict(seq_len=seq_len, strategy=args.strategy, backend=args.backend, completed=False, oom=False,
                 cause="time", launched=False, predicted_launch_s=seconds,
-                error=f"not launched: {args.warmup + args.steps} steps predicted to take {seconds:.0f} s (from S={base}, "
-                      f"x (length ratio)^2) > --launch_timeout {args.launch_timeout:.0f} s")
+                error=f"not launched: {args.warmup + args.steps} steps predicted to take {seconds:.0f} s (from "
+                      f"S={base}, x (length ratio)^2) > --launch_timeout {args.launch_timeout:.0f} s")
 
 
 def find_max_summary(args: argparse.Namespace, card: str, key: str, tried: dict[int, dict]) -> dict:

@@ -45,6 +45,7 @@ import threading
 import weakref
 
 import torch
+import torch.distributed as dist
 
 from ...core.errors import SPConfigError
 
@@ -89,7 +90,8 @@ class CheckpointOffload:
             return True
         if not self._said_no_op:
             self._said_no_op = True
-            if int(os.environ.get("RANK", 0)) == 0:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+            if rank == 0:
                 log.warning(f"offload_checkpoints: the layer inputs are on {device.type}, not a GPU: nothing to "
                             f"offload, they stay where they are")
         return False
