@@ -22,7 +22,7 @@ from .core.config import SPConfig
 from .core.errors import KernelError, SPConfigError
 from .core.loss import TokenLoss
 from .core.mesh import SPMesh, build_mesh, init_sp_mesh
-from .integration import UlyssesRingFSDPStrategy, UlyssesRingStrategy, register_strategies
+from .integration import UlyssesRingFSDPStrategy, UlyssesRingStrategy, prepared_batch, register_strategies
 from .app.models import swap_attention
 
 register_strategies()  # Trainer(strategy="ulysses_ring" | "ulysses" | "ring" | "ulysses_ring_fsdp"); re-import safe
@@ -52,7 +52,7 @@ __version__ = "0.1.0"
 __all__ = ["KernelError", "LongContextAttention", "LongContextAttentionQKVPacked", "SPConfig", "SPConfigError",
            "SPMesh", "TokenLoss", "UlyssesAttention", "UlyssesRingFSDPStrategy", "UlyssesRingStrategy", "build_mesh",
            "init_sp_mesh", "kernels", "layout", "long_context_attention", "loss", "packed_long_context_attention",
-           "register_strategies", "ring_mesh", "swap_attention",
+           "prepared_batch", "register_strategies", "ring_mesh", "swap_attention",
            "ring_flash_attn_func", "ring_flash_attn_kvpacked_func", "ring_flash_attn_qkvpacked_func",
            "ring_flash_attn_varlen_func", "ring_flash_attn_varlen_kvpacked_func",
            "ring_flash_attn_varlen_qkvpacked_func", "stripe_flash_attn_func",

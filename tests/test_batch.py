@@ -110,3 +110,86 @@ def test_custom_shard_keys_and_padding_fills():
     assert info.padded_len == 6  # ulysses rank 1 holds tokens 3..5, the last one padding
     assert local["input_ids"].tolist() == [[4, 5, 0]] and local["labels"].tolist() == [[5, -1, -1]]
     assert local["position_ids"].tolist() == [[3, 4, 5]] and local["loss_mask"].tolist() == [[True, True, False]]
+
+
+def test_what_hugging_faces_loss_reads():
+    """shift_labels is the prepared labels; num_items_in_batch their valid count over the world,
+    divided by the world size (one process here: the count); a batch without labels gets neither."""
+    ids = torch.arange(1, 13).view(2, 6)
+    labels = ids.clone()
+    labels[0, 2] = IGNORE
+    local, _ = prepare_batch({"input_ids": ids, "labels": labels})
+    assert local["shift_labels"] is local["labels"]
+    assert local["num_items_in_batch"].dtype == torch.float64 and float(local["num_items_in_batch"]) == 9.0
+    # index maths of rank 1 of ulysses 2 (no agreement): its shard of the shifted labels, this batch's count / 2
+    local, _ = prepare_batch({"input_ids": ids, "labels": labels}, rank_coordinates(1, 2, 0, 1), layout="contiguous",
+                             agree=False)
+    assert torch.equal(local["shift_labels"], local["labels"]) and local["labels"].shape == (2, 3)
+    assert float(local["num_items_in_batch"]) == 4.5
+    local, _ = prepare_batch({"input_ids": ids, "labels": labels}, shift_labels=False)
+    assert torch.equal(local["shift_labels"], labels) and float(local["num_items_in_batch"]) == 11.0
+    local, _ = prepare_batch({"input_ids": ids})
+    assert "shift_labels" not in local and "num_items_in_batch" not in local
+
+
+def test_packed_batches_carry_hugging_faces_attention_arguments():
+    ids = torch.arange(1, 10)[None]
+    local, _ = prepare_batch({"input_ids": ids, "labels": ids.clone(), "cu_seqlens": torch.tensor([0, 4, 9])})
+    assert local["cu_seq_lens_q"] is local["cu_seqlens"] and local["cu_seq_lens_k"] is local["cu_seqlens"]
+    assert local["max_length_q"] == local["max_length_k"] == local["max_seqlen"] == 5
+    assert float(local["num_items_in_batch"]) == 7.0  # each document's last token predicts nothing
+
+
+@pytest.mark.parametrize("key", ["shift_labels", "num_items_in_batch"])
+def test_what_preparation_makes_must_not_come_in(key):
+    batch = {"input_ids": torch.zeros(1, 4, dtype=torch.long), "labels": torch.zeros(1, 4, dtype=torch.long),
+             key: torch.zeros(1, 4, dtype=torch.long)}
+    with pytest.raises(SPConfigError, match=rf"already has \['{key}'\], which batch preparation makes from 'labels'"):
+        prepare_batch(batch)
+
+
+def test_prepared_batch_prepares_once():
+    """lightning_sp.prepared_batch: a prepared batch as it is, any other prepared for this process."""
+    import lightning_sp
+
+    ids = torch.arange(1, 6)[None]
+    local = lightning_sp.prepared_batch({"input_ids": ids, "labels": ids.clone()}, ignore_index=-1)
+    assert local["labels"].tolist() == [[2, 3, 4, 5, -1]] and local["position_ids"].tolist() == [[0, 1, 2, 3, 4]]
+    assert lightning_sp.prepared_batch(local) is local
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_hugging_face_model_takes_the_prepared_batch_whole(packed):
+    """model(**batch) with every entry of a prepared batch (shard_info, cu_seqlens, an index, ...):
+    Hugging Face's own loss on it equals the token mean of float64 cross entropy, packed documents
+    each on their own."""
+    transformers = pytest.importorskip("transformers")
+    import copy
+
+    import torch.nn.functional as F
+
+    import lightning_sp
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    model = transformers.LlamaForCausalLM(config).double()
+    ids = torch.randint(0, 16, (1 if packed else 2, 10))
+    labels = ids.clone()
+    labels[0, 3] = IGNORE
+    batch = {"input_ids": ids, "labels": labels, "idx": torch.tensor([4])}
+    docs = [(0, 10)]
+    if packed:
+        batch["cu_seqlens"], docs = torch.tensor([0, 4, 10]), [(0, 4), (4, 10)]
+    local, _ = prepare_batch(batch)
+    swapped = transformers.LlamaForCausalLM(copy.deepcopy(config)).double()  # swapping switches its config
+    lightning_sp.swap_attention(swapped, ring_impl="contiguous")
+    swapped.load_state_dict(model.state_dict())
+    got = swapped(**local).loss
+    total, count = 0.0, 0
+    for a, b in docs:  # the reference: each document alone, its labels shifted within it
+        logits = model(input_ids=ids[:, a:b]).logits
+        target = torch.cat([labels[:, a + 1:b], torch.full((ids.shape[0], 1), IGNORE)], 1)
+        total = total + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+        count += int((target != IGNORE).sum())
+    assert abs(got.item() - (total / count).item()) < 1e-6 * (total / count).item()

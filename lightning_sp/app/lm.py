@@ -22,7 +22,7 @@ from torch import nn
 from ..core.attention import LongContextAttention
 from ..core.errors import SPConfigError
 from ..core.loss import TokenLoss, exact_token_loss
-from ..integration.batch import SHARD_INFO, prepare_batch
+from ..integration.batch import SHARD_INFO, prepared_batch
 from .models import swap_attention
 from .models.hf import causal_lm_logits, causal_lm_loss_sum, is_hf_model
 
@@ -72,9 +72,7 @@ class CausalLM(L.LightningModule):
     def prepare_batch(self, batch: dict) -> dict:
         """This rank's part of the batch: as the strategy prepared it, else prepared here for one
         process (labels shifted, position_ids, packed cu_seqlens)."""
-        if SHARD_INFO in batch:
-            return batch
-        return prepare_batch(batch, ignore_index=self.hparams.ignore_index)[0]
+        return prepared_batch(batch, ignore_index=self.hparams.ignore_index)
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Final hidden states (our decoder) or logits (a Hugging Face model) of this rank's tokens."""

@@ -1,7 +1,7 @@
 """The Lightning integration: the ``ulysses_ring`` strategies, batch preparation and resumable loading."""
 from lightning.pytorch.strategies import StrategyRegistry
 
-from .batch import ShardInfo, gather_sequence, prepare_batch
+from .batch import ShardInfo, gather_sequence, prepare_batch, prepared_batch
 from .fsdp import UlyssesRingFSDPStrategy
 from .loading import ResumableLoader
 from .strategy import UlyssesRingStrategy
@@ -14,4 +14,4 @@ def register_strategies(registry=StrategyRegistry) -> None:
 
 
 __all__ = ["ResumableLoader", "ShardInfo", "UlyssesRingFSDPStrategy", "UlyssesRingStrategy", "gather_sequence",
-           "prepare_batch", "register_strategies"]
+           "prepare_batch", "prepared_batch", "register_strategies"]

@@ -54,24 +54,30 @@ def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def agree_on_batch(problem: str | None, description: Any, mesh: SPMesh, describe_difference) -> None:
+def agree_on_batch(problem: str | None, description: Any, mesh: SPMesh, describe_difference,
+                   valid_tokens: int | torch.Tensor = 0) -> int:
     """Collective over all ranks of ``mesh`` (a world of several processes), once per batch: raise the same error on every rank if
     any rank's batch is invalid (``problem``) or if the ranks of a sequence-parallel group hold
-    batches with different ``description`` (keys, shapes, ...).
+    batches with different ``description`` (keys, shapes, ...); else return the sum of
+    ``valid_tokens`` over the data-parallel groups (each group's count of its full batch: the
+    valid tokens of the whole world's batches, which an exact token mean divides by).
 
-    The common case costs one all-reduce (MAX) of 3 int64 per data-parallel group: each rank writes
-    its problem flag and its description's fingerprint (and its negation, so that the maximum also
-    yields the minimum) into its group's row. Only when something is wrong are the messages or the
-    descriptions gathered, so every rank can raise the same message;
-    ``describe_difference(groups, descriptions, sp_size)`` words a difference between ranks.
+    It costs one all-reduce (MAX) of a (data-parallel groups x 4) int64 table: each rank writes into
+    its group's row its problem flag, its description's fingerprint (and its negation, so that the
+    maximum also yields the minimum) and ``valid_tokens``. The ranks of a group hold the same batch,
+    so they write the same count and its maximum is that count; the rows' sum is the world's. Only
+    when something is wrong are the messages or the descriptions gathered, so every rank can raise
+    the same message; ``describe_difference(groups, descriptions, sp_size)`` words a difference.
     """
     mine = _LOW if problem is not None else fingerprint(description)
-    table = torch.full((mesh.dp_size, 3), _LOW, dtype=torch.int64)
-    table[:, 0] = 0
-    table[mesh.dp_rank] = torch.tensor([int(problem is not None), mine, -mine if problem is None else _LOW])
-    table = table.to(_collective_device())
+    device = _collective_device()
+    table = torch.full((mesh.dp_size, 4), _LOW, dtype=torch.int64)
+    table[:, 0] = table[:, 3] = 0
+    table[mesh.dp_rank, :3] = torch.tensor([int(problem is not None), mine, -mine if problem is None else _LOW])
+    table = table.to(device)
+    table[mesh.dp_rank, 3] = torch.as_tensor(valid_tokens).to(device)  # may live on the GPU: no host sync here
     dist.all_reduce(table, op=dist.ReduceOp.MAX)
-    flags, high, neg_low = table.cpu().unbind(1)
+    flags, high, neg_low, counts = table.cpu().unbind(1)
     if bool(flags.any()):
         problems = [None] * mesh.world_size
         dist.all_gather_object(problems, problem)
@@ -81,6 +87,7 @@ def agree_on_batch(problem: str | None, description: Any, mesh: SPMesh, describe
         descriptions = [None] * mesh.world_size
         dist.all_gather_object(descriptions, description)
         raise SPConfigError(describe_difference(differing, descriptions, mesh.sp_size))
+    return int(counts.sum())
 
 
 def sampler_problem(dataloader, dp_size: int, dp_rank: int) -> str | None:

@@ -1,21 +1,38 @@
 """Batch preparation: one pure function from a batch of full sequences to this rank's part of it.
 
 :func:`prepare_batch` is what both strategies do to every batch and what
-:class:`~lightning_sp.app.lm.CausalLM` does under any other strategy (a single-process mesh):
+:class:`~lightning_sp.app.lm.CausalLM` does under any other strategy (for one process, through
+:func:`prepared_batch`):
 
 1. validate: a dict whose shard keys have one sequence length; a packed batch (``cu_seqlens``) is
    one row that ``cu_seqlens`` describes;
 2. agree: across the ranks of the mesh, one tiny all-reduce per batch, so that a bad batch on any
-   rank fails every rank at once with the same message (:mod:`.agreement`);
+   rank fails every rank at once with the same message, and count the valid labels of the whole
+   world (:mod:`.agreement`);
 3. shift ``labels`` on the full sequence (``labels[t] <- labels[t + 1]``; the last position and, in
    packed batches, every document's last token get ``ignore_index``, so no token learns to
    predict the next document even when ``labels`` is just ``input_ids``);
 4. add global ``position_ids`` (within-document positions for packed batches);
 5. pad to the layout's multiple (at the end, where causal attention hides it from real tokens) and
-   keep this rank's tokens of every shard key; packed batches get local ``cu_seqlens``/``max_seqlen``.
+   keep this rank's tokens of every shard key; packed batches get local ``cu_seqlens``/``max_seqlen``,
+   also under the names Hugging Face models pass on to their attention (``cu_seq_lens_q``,
+   ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``).
+
+A batch with ``labels`` also gets what Hugging Face's causal-LM loss reads, so that
+``model(**batch).loss`` of a Hugging Face model is exact on every rank:
+
+* ``shift_labels``: this rank's part of the labels shifted on the full sequence (the same tensor
+  as ``labels``, which keeps its meaning: shifted unless ``shift_labels=False``); the model's loss
+  takes them as they are instead of shifting this rank's shard again;
+* ``num_items_in_batch``: the valid labels of the whole world's batches divided by the world size
+  (a float64 scalar tensor). The loss divides this rank's sum of token losses by it, and the
+  strategy averages gradients over the world's ranks, so the step follows the exact token mean of
+  the global batch. (Hugging Face's Trainer passes the count itself and multiplies the loss by the
+  number of processes; Lightning does not, hence the division here.)
 
 The result carries a :class:`ShardInfo` under ``batch["shard_info"]``: what :func:`gather_sequence`
-needs to undo the sharding, and the mark that the batch is prepared.
+needs to undo the sharding, and the mark that the batch is prepared. Hugging Face models take the
+extra entries as keyword arguments they pass on to attention, which ignores the ones it does not use.
 """
 from __future__ import annotations
 
@@ -31,6 +48,7 @@ from .agreement import agree_on_batch
 
 DEFAULT_SHARD_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
 SHARD_INFO = "shard_info"  # the key of a prepared batch's ShardInfo
+MADE_FROM_LABELS = ("shift_labels", "num_items_in_batch")  # what preparation adds for Hugging Face's loss
 
 
 class ShardInfo:
@@ -71,24 +89,43 @@ def prepare_batch(batch: Mapping, mesh: SPMesh | None = None, *, layout: str | N
         check_identical: also check that the ranks of each sequence-parallel group hold the same
             token values (not only the same keys and shapes); costs one reduction over the batch.
         agree: check with the other ranks of the mesh (a collective; False for index maths without
-            process groups).
+            process groups, where ``num_items_in_batch`` counts this batch's tokens only).
 
     Returns:
         ``(local_batch, shard_info)``; ``local_batch["shard_info"]`` is ``shard_info``.
     """
     layout = L.canonical_layout(layout or ("contiguous" if mesh is None else mesh.config.layout))
     mesh = mesh or single_process_mesh()
-    plan, problem = None, None
+    plan, problem, targets = None, None, None
     try:
         plan = _Plan(batch, mesh, layout, tuple(shard_keys), pad_to_multiple)
+        targets = plan.targets(batch, shift_labels, ignore_index)
     except SPConfigError as err:
         problem = str(err)
+    valid = 0 if targets is None else (targets != ignore_index).sum()
     if agree and mesh.world_size > 1:
         description = None if plan is None else plan.description(batch, check_identical)
-        agree_on_batch(problem, description, mesh, _describe_difference)
+        valid = agree_on_batch(problem, description, mesh, _describe_difference, valid)
     elif problem is not None:
         raise SPConfigError(problem)
-    return plan.apply(batch, shift_labels, ignore_index)
+    return plan.apply(batch, targets, ignore_index, valid, mesh.world_size)
+
+
+def prepared_batch(batch: Mapping, **options) -> dict:
+    """This rank's prepared batch under any strategy: ``batch`` itself where a sequence-parallel
+    strategy prepared it (it carries ``shard_info``), else ``prepare_batch(batch, **options)[0]`` for
+    this process alone (no collective).
+
+    Call it first in the steps of a LightningModule written for ``ulysses_ring`` so that under any
+    other strategy (DDP, one device) it trains on the same shifted labels and positions instead of
+    the raw ``labels``. There ``num_items_in_batch`` counts this process's batch only, so Hugging
+    Face's loss is each process's token mean (as without lightning_sp); :mod:`lightning_sp.loss`
+    reduces its count over the world and stays exact. ``options`` are those of :func:`prepare_batch`
+    (``ignore_index``, ``shift_labels``, ``shard_keys``, ...), used only where the batch is prepared here.
+    """
+    if isinstance(batch, Mapping) and SHARD_INFO in batch:
+        return batch
+    return prepare_batch(batch, **options)[0]
 
 
 def gather_sequence(x_local: torch.Tensor, shard_info: ShardInfo, dim: int = 1) -> torch.Tensor:
@@ -113,6 +150,12 @@ class _Plan:
                                 f"got {type(batch).__name__}; return a dict from the dataset or collate_fn")
         if SHARD_INFO in batch:
             raise SPConfigError(f"this batch was prepared already (it has {SHARD_INFO!r}); prepare each batch once")
+        made = [k for k in MADE_FROM_LABELS if k in batch]
+        if made:
+            raise SPConfigError(f"the batch already has {made}, which batch preparation makes from 'labels' (this "
+                                f"rank's part of the shifted labels, the world's valid-token count); put the "
+                                f"unshifted labels under 'labels' (or pass shift_labels=False with per-position "
+                                f"targets there) and leave {made} out")
         self.mesh, self.layout = mesh, layout
         self.keys = [k for k in shard_keys if k in batch and torch.is_tensor(batch[k])]
         if not self.keys:
@@ -146,16 +189,30 @@ class _Plan:
             content = tuple(torch.stack(sums).tolist()) if sums else ()
         return keys, cu, content
 
-    def apply(self, batch, shift_labels: bool, ignore_index: int) -> tuple[dict, ShardInfo]:
+    def targets(self, batch, shift_labels: bool, ignore_index: int) -> torch.Tensor | None:
+        """The full sequence's ``labels`` as the loss reads them (shifted unless ``shift_labels`` is
+        False), or None for a batch without labels among its shard keys."""
+        if "labels" not in self.keys:
+            return None
+        labels = batch["labels"]
+        return _shift(labels, self.dims["labels"], ignore_index, self.cu) if shift_labels else labels
+
+    def apply(self, batch, targets, ignore_index: int, valid, world_size: int) -> tuple[dict, ShardInfo]:
         out = dict(batch)
         full = {k: batch[k] for k in self.keys}  # every tensor to split, on the full sequence
         fills = {k: 0 for k in self.keys}  # what padding holds; "count" continues the positions
-        if shift_labels and "labels" in full:
-            full["labels"] = _shift(full["labels"], self.dims["labels"], ignore_index, self.cu)
-        if "labels" in full:
-            fills["labels"] = ignore_index
+        if targets is not None:
+            full["labels"], fills["labels"] = targets, ignore_index
         if self.cu is not None:
-            return self._apply_packed(out, full, fills)
+            out, info = self._apply_packed(out, full, fills)
+        else:
+            out, info = self._apply_dense(out, full, fills)
+        if targets is not None:  # what Hugging Face's causal-LM loss reads (see the module doc)
+            out["shift_labels"] = out["labels"]
+            out["num_items_in_batch"] = torch.as_tensor(valid, device=targets.device).to(torch.float64) / world_size
+        return out, info
+
+    def _apply_dense(self, out: dict, full: dict, fills: dict) -> tuple[dict, ShardInfo]:
         if "position_ids" not in full and "input_ids" in full:
             ids = full["input_ids"]
             full["position_ids"] = torch.arange(self.seq_len, device=ids.device).expand(ids.shape[:2])
@@ -176,8 +233,10 @@ class _Plan:
             out[k] = packed.shard(x, dim=self.dims[k], pad_value=fills[k])
         if "position_ids" not in full:
             out["position_ids"] = packed.position_ids.to(device).view(1, -1)
-        out["cu_seqlens"] = packed.cu_seqlens.to(device)
+        cu = out["cu_seqlens"] = packed.cu_seqlens.to(device)
         out["max_seqlen"] = packed.max_seqlen
+        # the same, under the names Hugging Face models pass on to attention, so model(**batch) works
+        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_seqlen, max_length_k=packed.max_seqlen)
         info = ShardInfo(packed.total_tokens, len(packed.slot_to_token), self.layout, self.mesh, packed)
         out[SHARD_INFO] = info
         return out, info
