@@ -6,6 +6,7 @@ from a :class:`~lightning_sp.core.config.SPConfig`; :func:`build_mesh` makes the
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -151,9 +152,18 @@ def init_sp_mesh(ulysses_degree: int = 1, ring_degree: int = 1, device_type: str
 
     Collective: every rank must call it with the same arguments. It may be called again: the same
     degrees give the same groups, other degrees new ones. Without an initialized process group it
-    returns the single-process mesh, which only accepts degrees of 1.
+    returns the single-process mesh, which only accepts degrees of 1; in a process that a launcher
+    such as torchrun started as one of several (``WORLD_SIZE`` > 1), that is an error saying to call
+    ``torch.distributed.init_process_group()`` first (it reads the launcher's environment).
     """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    initialized = dist.is_available() and dist.is_initialized()
+    launched = os.environ.get("WORLD_SIZE", "1")
+    if not initialized and launched.isdigit() and int(launched) > 1:
+        raise SPConfigError(
+            f"call torch.distributed.init_process_group() before init_sp_mesh: this process is rank "
+            f"{os.environ.get('RANK', '?')} of WORLD_SIZE={launched} processes (e.g. started by torchrun), but no "
+            f"process group is initialized, so it would see a world of 1")
+    world = dist.get_world_size() if initialized else 1
     config = SPConfig(ulysses_degree=ulysses_degree, ring_degree=ring_degree, world_size=world)
     return build_mesh(config, device_type)
 

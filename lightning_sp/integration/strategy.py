@@ -5,12 +5,14 @@ What it adds to data parallelism, in the order a batch meets it:
 * ``setup_environment`` resolves the :class:`~lightning_sp.core.config.SPConfig` (``"auto"`` degrees
   from the model's attention heads, read without building the model, see :mod:`.binding`) and
   builds the dp x ring x ulysses :class:`~lightning_sp.core.mesh.SPMesh`; ``setup`` binds every unbound
-  :class:`~lightning_sp.core.attention.LongContextAttention` of the model to it;
+  :class:`~lightning_sp.core.attention.LongContextAttention` of the model to it (a model without
+  one, whose own attention would see only its shard, is an error naming ``swap_attention``);
 * the distributed sampler shards over the data-parallel dimension only, so every rank of a
   sequence-parallel group trains on the same samples;
 * ``batch_to_device`` prepares every batch with :func:`~lightning_sp.integration.batch.prepare_batch`
-  (labels shifted on the full sequence, global ``position_ids``, padding, this rank's tokens), the
-  ranks agreeing that every batch is valid;
+  (labels shifted on the full sequence, global ``position_ids``, padding, this rank's tokens, and
+  ``shift_labels`` / ``num_items_in_batch`` for Hugging Face's loss), the ranks agreeing that every
+  batch is valid;
 * gradients are averaged over all world ranks, as DDP does; :mod:`lightning_sp.core.loss` makes the
   loss exact. The strategy never rescales a loss.
 """
@@ -30,7 +32,7 @@ from ..core.errors import SPConfigError
 from ..core.mesh import SPMesh, build_mesh
 from .agreement import raise_if_any, sampler_problem
 from .batch import DEFAULT_SHARD_KEYS, ShardInfo, gather_sequence, prepare_batch
-from .binding import bind_attention, find_attention_heads
+from .binding import bind_attention, check_backend_device, find_attention_heads
 from .checkpoint import CHECKPOINT_KEY, restore_rng_state, rng_state
 from .loading import ResumableLoader, is_sized
 
@@ -47,7 +49,9 @@ class UlyssesRingStrategy(DDPStrategy):
             divides the devices of a node and the model's attention heads.
         ring_degree: ranks of one ring, or ``"auto"``: all remaining ranks (data parallelism 1).
         ring_impl: the token layout of the ring, one of ``lightning_sp.layout.LAYOUTS``.
-        backend: attention kernel backend bound into the model's attention layers (None keeps theirs).
+        backend: attention kernel backend bound into the model's attention layers (None keeps theirs);
+            an unknown name is an error here, a CUDA-only one (``fa4``, ``cudnn``, ``flash``,
+            ``efficient``) on a CPU run an error in ``setup_environment``.
         shift_labels: make ``labels[t] = labels[t + 1]`` on the full sequence before sharding (the last
             position, and in packed batches each document's last token, gets ``ignore_index``).
         ignore_index: label value of positions the loss ignores (shifting and padding use it).
@@ -66,6 +70,11 @@ class UlyssesRingStrategy(DDPStrategy):
         head_groups: how many head groups the layers' Ulysses all-to-all is split into, so that one group's
             communication overlaps another's attention (``"auto"`` or an int; None keeps theirs, see
             ``lightning_sp.attention.ulysses.choose_head_groups``).
+        require_sp_attention: when sequences are split over several ranks, a model without any
+            :class:`~lightning_sp.core.attention.LongContextAttention` fails at setup (its own
+            attention would see only this rank's shard), naming ``lightning_sp.swap_attention``.
+            False: the model has no attention layers, or calls lightning_sp's attention functions
+            with ``trainer.strategy.sp_mesh`` itself.
         **kwargs: passed to :class:`~lightning.pytorch.strategies.DDPStrategy`. Without a
             ``process_group`` there, gradients are reduced over a high-priority NCCL copy of the world
             group (``lightning_sp.mesh.priority_world_group``) when the backend is NCCL.
@@ -88,7 +97,7 @@ class UlyssesRingStrategy(DDPStrategy):
                  backend: str | None = None, shift_labels: bool = True, ignore_index: int = -100,
                  shard_keys=None, attention_heads: int | None = None, check_identical_samples: bool = False,
                  pad_to_multiple: bool = True, transport: str | None = None, head_groups: int | str | None = None,
-                 **kwargs: Any) -> None:
+                 require_sp_attention: bool = True, **kwargs: Any) -> None:
         for name, value in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
             if not _is_degree(value):
                 raise SPConfigError(f"{name} must be a positive int or 'auto', got {value!r}")
@@ -102,6 +111,7 @@ class UlyssesRingStrategy(DDPStrategy):
         self.attention_heads = attention_heads
         self.check_identical_samples = check_identical_samples
         self.pad_to_multiple = pad_to_multiple
+        self.require_sp_attention = require_sp_attention
         self.sp_config: SPConfig | None = None  # the resolved configuration, from setup_environment on
         self._sp_mesh: SPMesh | None = None
         self._rng_to_restore: dict | None = None
@@ -158,6 +168,7 @@ class UlyssesRingStrategy(DDPStrategy):
         # the configuration and its mesh, before configure_model (which sees LightningModule.device_mesh)
         heads = self.attention_heads if self.attention_heads is not None else find_attention_heads(self.lightning_module)
         self.sp_config = self.resolve_config(self.world_size, self.num_processes, heads)
+        check_backend_device(self.sp_config.backend, self.root_device)
         self._sp_mesh = build_mesh(self.sp_config, device_type=self.root_device.type)
         if self.lightning_module is not None:
             self.lightning_module._device_mesh = self._sp_mesh.device_mesh
@@ -165,7 +176,7 @@ class UlyssesRingStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer) -> None:
-        bind_attention(self.lightning_module, self.sp_mesh)
+        bind_attention(self.lightning_module, self.sp_mesh, require=self.require_sp_attention)
         super().setup(trainer)
 
     @override

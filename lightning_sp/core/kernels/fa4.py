@@ -25,6 +25,7 @@ class FA4Kernel(BlockKernel):
     """FlashAttention-4 on Hopper and Blackwell: windows, unequal causal blocks and varlen natively."""
 
     name = "fa4"
+    device_type = "cuda"
     supports_window = True
     supports_unequal_causal = True
     writes_into = True
