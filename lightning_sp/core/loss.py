@@ -64,8 +64,8 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}; expected logits "
-                         f"of shape labels.shape + (vocab,); labels split over the ranks like the inputs come from "
-                         f"a batch key the strategy shards: name a key other than 'labels' in its shard_keys")
+                         f"of shape labels.shape + (vocab,); under sequence parallelism labels under a key other than "
+                         f"'labels' are split like the inputs only when the strategy's shard_keys name it")
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=ignore_index, reduction="sum")
