@@ -263,15 +263,17 @@ def test_offload_under_the_strategies_trains_bit_for_bit_like_no_offload(worlds,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
 def test_offload_on_a_gpu_trains_within_bf16_noise_and_frees_the_layer_inputs():
-    """bf16 autocast on one GPU, 3 AdamW steps with and without offload: the losses and the
-    parameter updates agree within bf16 noise (the copies are exact; only the kernels' own
-    nondeterminism differs), and the step's peak memory drops by most of the layer inputs."""
+    """bf16 autocast on one GPU, 3 AdamW steps without offload (twice) and with it: the offloaded run
+    differs from the first no-offload run no more than the second no-offload run does (the copies are
+    exact; what differs is the kernels' own nondeterminism, e.g. atomic adds, which AdamW's normalised
+    update amplifies for parameters with tiny gradients), and the step's peak memory drops by most
+    of the layer inputs."""
     layers, seq = 8, 32768
     config = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=704, num_layers=layers, num_heads=4,
                          num_kv_heads=2)
     layer_bytes = seq * config.hidden_size * 4  # the float32 residual stream a layer keeps
     runs = []
-    for offload in (False, True):
+    for offload in (False, False, True):
         torch.manual_seed(0)
         model = LlamaForCausalLM(config, activation_checkpointing="full", offload_checkpoints=offload).cuda()
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -294,11 +296,18 @@ def test_offload_on_a_gpu_trains_within_bf16_noise_and_frees_the_layer_inputs():
         runs.append((losses, updates, min(peaks), model.checkpoint_offload))
         del model, opt
         torch.cuda.empty_cache()
-    (want_losses, want, peak_without, _), (got_losses, got, peak_with, offload) = runs
+    (want_losses, want, peak_without, _), (again_losses, again, _, _), (got_losses, got, peak_with, offload) = runs
     assert offload.offloaded == 3 * (layers - 1) and offload.host_bytes == 0
-    assert max(abs(a - b) / abs(b) for a, b in zip(got_losses, want_losses)) < 1e-2, (got_losses, want_losses)
-    err = max(((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-12)).item() for k in want)
-    assert err < 5e-2, f"parameter updates differ by {err} with offload"
+
+    def differ(a, b):
+        return max(((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)).item() for k in b)
+
+    def loss_differ(a, b):
+        return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+    noise, err = differ(again, want), differ(got, want)
+    assert err <= max(3 * noise, 1e-6), f"parameter updates differ by {err} with offload, {noise} between two runs without"
+    assert loss_differ(got_losses, want_losses) <= max(3 * loss_differ(again_losses, want_losses), 1e-6)
     assert peak_without - peak_with >= (layers - 4) * layer_bytes, (peak_without / 2**20, peak_with / 2**20)
 
 
