@@ -5,6 +5,8 @@ import itertools
 import pytest
 import torch
 
+import lightning_sp
+
 import attention_cases as C
 
 LAYOUTS = ("contiguous", "zigzag", "stripe")
@@ -205,3 +207,20 @@ def test_head_groups_choice():
     assert choose_head_groups(8, 8, 1, "auto") == 1  # no Ulysses
     assert choose_head_groups(8, 2, 2, 1) == 1  # GQA: one KV head per rank allows no split
     assert choose_head_groups(8, 8, 1, 2) == 1  # no Ulysses: nothing to overlap, one pass over all heads
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "stripe", "contiguous"])
+@pytest.mark.parametrize("window", [(-1, -1), (1, 0)])
+def test_odd_documents_in_one_process_with_every_layout(layout, window):
+    """Over one ring rank every layout holds the tokens in order: odd document lengths are fine
+    (a single-device or DDP run of a model swapped with the default zigzag layout)."""
+    from lightning_sp.core import kernels
+
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 3, 8, 9], dtype=torch.int32)
+    q, k, v = (torch.randn(9, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = lightning_sp.LongContextAttention(ring_impl=layout)(q, k, v, causal=True, cu_seqlens=cu, max_seqlen=5,
+                                                              window_size=window)
+    bounds = (None, 0) if window == (-1, -1) else window
+    want, _ = kernels.get_kernel("reference").forward_varlen(q, k, v, cu, cu, causal=True, window=bounds)
+    assert (out - want).abs().max() < 1e-12

@@ -111,7 +111,9 @@ def packed_long_context_attention(inputs, mesh: SPMesh, layout: str, *, causal=F
     (kv: (b, s, 2, Hk, d), qkv: (b, s, 3, H, d); with ``cu_seqlens`` without the batch dimension).
     With ``return_lse`` also the log-sum-exp in float32, (b, S/R, H/U) or (t*U, H/U) for packed
     documents: the rows and heads this rank attended (the ring's sequence shard, its Ulysses heads)."""
-    layout = canonical_layout(layout)
+    # over one ring rank every layout holds the tokens in their order: the zigzag's even-length
+    # rule (two chunks per rank) does not apply
+    layout = canonical_layout(layout) if mesh.ring_size > 1 else "contiguous"
     window = normalize_window(window_size)
     varlen = cu_seqlens is not None
     q, k, v = unpack(inputs)
