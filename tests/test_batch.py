@@ -193,3 +193,80 @@ def test_a_hugging_face_model_takes_the_prepared_batch_whole(packed):
         total = total + F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
         count += int((target != IGNORE).sum())
     assert abs(got.item() - (total / count).item()) < 1e-6 * (total / count).item()
+
+
+# ---------------------------------------------------------------------------------------------- Hugging Face's
+# packed-batch convention: one row whose position_ids restart at 0 for each document, no cu_seqlens
+
+
+@pytest.mark.parametrize("starts_ignored", [False, True])
+def test_positions_that_restart_at_zero_are_packed_documents(starts_ignored):
+    """The documents come from the restarts (1-token ones included); the labels, unshifted, with or
+    without -100 at each document's first token (DataCollatorWithFlattening's separator), are shifted
+    so that no position predicts the next document's first token; the positions stay as given."""
+    from lightning_sp.integration.batch import documents_from_positions
+
+    pos = torch.tensor([[0, 1, 2, 0, 0, 1, 0, 1, 2, 3]])
+    ids = torch.arange(10, 20)[None]
+    labels = ids.clone()
+    if starts_ignored:
+        labels[pos == 0] = IGNORE
+    assert documents_from_positions(pos).tolist() == [0, 3, 4, 6, 10]
+    local, info = prepare_batch({"input_ids": ids, "labels": labels, "position_ids": pos})
+    assert info.packed is not None and info.seq_len == 10
+    assert local["cu_seqlens"].tolist() == [0, 3, 4, 6, 10] and local["max_seqlen"] == 4
+    assert local["cu_seq_lens_q"] is local["cu_seqlens"]
+    assert local["labels"][0].tolist() == [11, 12, IGNORE, IGNORE, 15, IGNORE, 17, 18, 19, IGNORE]
+    assert torch.equal(local["position_ids"], pos) and float(local["num_items_in_batch"]) == 6.0
+    # the same batch with its cu_seqlens given: the same preparation
+    explicit, _ = prepare_batch({"input_ids": ids, "labels": labels, "cu_seqlens": torch.tensor([0, 3, 4, 6, 10])})
+    for key in ("labels", "position_ids", "cu_seqlens"):
+        assert torch.equal(local[key], explicit[key]), key
+
+
+def test_the_data_collator_with_flattening_gives_packed_documents():
+    transformers = pytest.importorskip("transformers")
+    from lightning_sp.integration.batch import documents_from_positions
+
+    docs = [{"input_ids": [5, 6, 7]}, {"input_ids": [8]}, {"input_ids": [9, 10, 11, 12, 13]}]
+    batch = transformers.DataCollatorWithFlattening(return_tensors="pt")(docs)
+    assert documents_from_positions(batch["position_ids"]).tolist() == [0, 3, 4, 9]
+    local, _ = prepare_batch(dict(batch))
+    assert local["labels"][0].tolist() == [6, 7, IGNORE, IGNORE, 10, 11, 12, 13, IGNORE]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
+def test_restarting_positions_are_sharded_like_explicit_documents(layout):
+    """On every rank of ring 2 x ulysses 2 (index maths): the same local batch as with cu_seqlens."""
+    lengths = [1, 7, 2, 1, 5]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    ids = torch.arange(1, 17)[None]
+    for sp_rank in range(4):
+        mesh = rank_coordinates(2, 2, sp_rank // 2, sp_rank % 2)
+        implicit, _ = prepare_batch({"input_ids": ids, "labels": ids.clone(), "position_ids": pos}, mesh,
+                                    layout=layout, agree=False)
+        explicit, _ = prepare_batch({"input_ids": ids, "labels": ids.clone(), "cu_seqlens": cu}, mesh,
+                                    layout=layout, agree=False)
+        for key in ("input_ids", "labels", "position_ids", "cu_seqlens"):
+            assert torch.equal(implicit[key], explicit[key]), (sp_rank, key)
+
+
+def test_positions_without_a_restart_stay_dense():
+    from lightning_sp.integration.batch import documents_from_positions
+
+    assert documents_from_positions(torch.tensor([[3, 4, 5, 6]])) is None
+    assert documents_from_positions(torch.arange(6).expand(2, 6)) is None
+    local, info = prepare_batch({"input_ids": torch.arange(6)[None], "position_ids": torch.tensor([[4, 5, 6, 7, 8, 9]])})
+    assert info.packed is None and "cu_seqlens" not in local
+
+
+@pytest.mark.parametrize("pos,match", [
+    ([[0, 1, 0, 1], [0, 1, 2, 3]], r"restart at 0 inside a row .* the batch has 2 rows .*pack the documents"),
+    ([[0, 1, 3, 0, 1]], r"position 2 holds 3 after 1; each document's positions must count 0, 1, 2"),
+    ([[5, 6, 0, 1]], r"position 0 holds 5 after nothing"),
+])
+def test_positions_that_are_neither_dense_nor_packed_say_what_to_fix(pos, match):
+    pos = torch.tensor(pos)
+    with pytest.raises(SPConfigError, match=match):
+        prepare_batch({"input_ids": torch.zeros_like(pos), "position_ids": pos})

@@ -4,8 +4,9 @@
 :class:`~lightning_sp.app.lm.CausalLM` does under any other strategy (for one process, through
 :func:`prepared_batch`):
 
-1. validate: a dict whose shard keys have one sequence length; a packed batch (``cu_seqlens``) is
-   one row that ``cu_seqlens`` describes;
+1. validate: a dict whose shard keys have one sequence length; a packed batch is one row of
+   documents that ``cu_seqlens`` describes, or, without ``cu_seqlens``, whose ``position_ids``
+   restart at 0 for each document (Hugging Face's convention, :func:`documents_from_positions`);
 2. agree: across the ranks of the mesh, one tiny all-reduce per batch, so that a bad batch on any
    rank fails every rank at once with the same message, and count the valid labels of the whole
    world (:mod:`.agreement`);
@@ -164,10 +165,12 @@ class _Plan:
         self.dims = {k: 0 if batch[k].dim() == 1 else 1 for k in self.keys}
         lengths = {k: batch[k].shape[self.dims[k]] for k in self.keys}
         self.seq_len = lengths[self.keys[0]]
-        self.cu = None
-        if batch.get("cu_seqlens") is not None:
-            self.cu = _check_packed(batch, self.keys, lengths)
-        elif len(set(lengths.values())) > 1:
+        cu = batch.get("cu_seqlens")
+        if cu is None and "position_ids" in self.keys:  # Hugging Face's convention: positions restart per document
+            cu = documents_from_positions(batch["position_ids"])
+        self.cu = None if cu is None else _check_packed(cu, batch, self.keys, lengths)
+        self.positions_given = "position_ids" in self.keys and batch.get("cu_seqlens") is not None
+        if self.cu is None and len(set(lengths.values())) > 1:
             raise SPConfigError(f"shard keys have different sequence lengths {lengths}; every shard key needs "
                                 f"the same length along dim 1 (dim 0 for 1-D tensors)")
         self.pad = 0 if self.cu is not None else (-self.seq_len) % L.layout_multiple(layout, mesh)
@@ -229,10 +232,12 @@ class _Plan:
     def _apply_packed(self, out: dict, full: dict, fills: dict) -> tuple[dict, ShardInfo]:
         packed = L.shard_documents(self.cu, self.mesh, self.layout)
         device = full[self.keys[0]].device
+        if not self.positions_given:  # within-document positions (those that restart at 0 are these)
+            full.pop("position_ids", None)
+            shape = (-1,) if self.dims.get("position_ids", 1) == 0 else (1, -1)
+            out["position_ids"] = packed.position_ids.to(device).view(shape)
         for k, x in full.items():
             out[k] = packed.shard(x, dim=self.dims[k], pad_value=fills[k])
-        if "position_ids" not in full:
-            out["position_ids"] = packed.position_ids.to(device).view(1, -1)
         cu = out["cu_seqlens"] = packed.cu_seqlens.to(device)
         out["max_seqlen"] = packed.max_seqlen
         # the same, under the names Hugging Face models pass on to attention, so model(**batch) works
@@ -242,9 +247,34 @@ class _Plan:
         return out, info
 
 
-def _check_packed(batch, keys, lengths) -> torch.Tensor:
+def documents_from_positions(position_ids) -> torch.Tensor | None:
+    """The global ``cu_seqlens`` of one packed row whose ``position_ids`` restart at 0 for each
+    document (Hugging Face's packed-batch convention, what ``DataCollatorWithFlattening`` and TRL's
+    padding-free packing produce), or None where they never restart (a dense batch). Positions
+    that neither count up by one nor restart at 0, or restarts in a batch of several rows, are errors."""
+    pos = torch.as_tensor(position_ids)
+    rows = pos.reshape(-1, pos.shape[-1]) if pos.dim() > 1 else pos[None]
+    if pos.numel() == 0 or not bool((rows[:, 1:] == 0).any()):
+        return None
+    if rows.shape[0] != 1:
+        raise SPConfigError(f"position_ids restart at 0 inside a row (packed documents, Hugging Face's convention) "
+                            f"but the batch has {rows.shape[0]} rows (shape {tuple(pos.shape)}); pack the documents "
+                            f"of a batch into one row (e.g. DataCollatorWithFlattening with batch size 1 per step) "
+                            f"or give each row positions that count 0, 1, 2, ...")
+    row = rows[0].to("cpu", torch.int64)
+    bad = torch.nonzero((row[1:] != 0) & (row[1:] != row[:-1] + 1)).flatten()
+    if len(bad) or int(row[0]) != 0:
+        t = int(bad[0]) + 1 if len(bad) else 0
+        raise SPConfigError(f"position_ids restart at 0 (packed documents) but position {t} holds "
+                            f"{int(row[t])} after {int(row[t - 1]) if t else 'nothing'}; each document's "
+                            f"positions must count 0, 1, 2, ..., or pass the documents' cu_seqlens instead")
+    starts = torch.nonzero(row[1:] == 0).flatten() + 1
+    return torch.cat([torch.zeros(1, dtype=torch.int64), starts, torch.tensor([len(row)])])
+
+
+def _check_packed(cu, batch, keys, lengths) -> torch.Tensor:
     """The global cu_seqlens of a packed batch (on the CPU), checked against its tensors."""
-    cu = torch.as_tensor(batch["cu_seqlens"]).to("cpu", torch.int64).flatten()
+    cu = torch.as_tensor(cu).to("cpu", torch.int64).flatten()
     if len(cu) < 2 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
         raise SPConfigError(f"cu_seqlens must be a 1-D non-decreasing sequence starting at 0, got {cu.tolist()}")
     for k in keys:
