@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..core.attention import LongContextAttention
+from ..core.attention.hybrid import SequenceContext
 from ..core.errors import SPConfigError
 from ..core.kernels import backends, get_kernel
 from ..core.mesh import SPMesh
@@ -57,11 +58,13 @@ def find_attention_heads(module: nn.Module | None) -> int | None:
     return math.gcd(*found) if found else None
 
 
-def bind_attention(module: nn.Module, mesh: SPMesh, require: bool = True) -> int:
+def bind_attention(module: nn.Module, mesh: SPMesh, require: bool = True,
+                   context: SequenceContext | None = None) -> int:
     """Bind every :class:`LongContextAttention` of ``module`` that has no mesh of its own to ``mesh``
     and its config's layout, backend and head groups (a layer bound by an earlier strategy is bound
-    again); a layer bound by the user to an incompatible mesh is an error naming the fix. Returns
-    the number of layers found.
+    again); a layer bound by the user to an incompatible mesh is an error naming the fix. Every layer
+    reads the packing of a batch whose caller passes it no ``cu_seqlens`` from ``context`` (the
+    strategy's :class:`SequenceContext`). Returns the number of layers found.
 
     With ``require`` and a sequence split over several ranks, a module without any such layer is an
     error naming ``lightning_sp.swap_attention``: its own attention would see only this rank's shard.
@@ -80,6 +83,8 @@ def bind_attention(module: nn.Module, mesh: SPMesh, require: bool = True) -> int
                 f"attention layer {name!r} is bound to its own mesh ({layer.mesh.describe()}, layout "
                 f"{layer.ring_impl!r}) but the strategy shards batches with layout {config.layout!r} over "
                 f"{mesh.sp_size} ranks; construct it with mesh=None so the strategy binds it")
+        if context is not None:
+            layer.sequence_context = context
     if not found and require and mesh.sp_size > 1:
         raise SPConfigError(
             f"call lightning_sp.swap_attention(model) on the model (in the LightningModule's __init__ or "

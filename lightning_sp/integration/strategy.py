@@ -12,7 +12,9 @@ What it adds to data parallelism, in the order a batch meets it:
 * ``batch_to_device`` prepares every batch with :func:`~lightning_sp.integration.batch.prepare_batch`
   (labels shifted on the full sequence, global ``position_ids``, padding, this rank's tokens, and
   ``shift_labels`` / ``num_items_in_batch`` for Hugging Face's loss), the ranks agreeing that every
-  batch is valid;
+  batch is valid; the attention layers learn the batch's packed documents from the strategy's
+  :class:`~lightning_sp.core.attention.hybrid.SequenceContext`, so a model called with only
+  ``input_ids`` and ``position_ids`` (Hugging Face's packed convention) attends within documents;
 * gradients are averaged over all world ranks, as DDP does; :mod:`lightning_sp.core.loss` makes the
   loss exact. The strategy never rescales a loss.
 """
@@ -27,6 +29,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from ..core import mesh as mesh_module
+from ..core.attention.hybrid import SequenceContext
 from ..core.config import SPConfig
 from ..core.errors import SPConfigError
 from ..core.mesh import SPMesh, build_mesh
@@ -115,6 +118,7 @@ class UlyssesRingStrategy(DDPStrategy):
         self.sp_config: SPConfig | None = None  # the resolved configuration, from setup_environment on
         self._sp_mesh: SPMesh | None = None
         self._rng_to_restore: dict | None = None
+        self.sequence_context = SequenceContext()  # the prepared batch's packing, read by the bound layers
 
     # ------------------------------------------------------------------ configuration and mesh
     @property
@@ -176,7 +180,8 @@ class UlyssesRingStrategy(DDPStrategy):
 
     @override
     def setup(self, trainer) -> None:
-        bind_attention(self.lightning_module, self.sp_mesh, require=self.require_sp_attention)
+        bind_attention(self.lightning_module, self.sp_mesh, require=self.require_sp_attention,
+                       context=self.sequence_context)
         super().setup(trainer)
 
     @override
@@ -217,12 +222,18 @@ class UlyssesRingStrategy(DDPStrategy):
         local, _ = prepare_batch(batch, self.sp_mesh, shift_labels=self.shift_labels, ignore_index=self.ignore_index,
                                  shard_keys=self.shard_keys, pad_to_multiple=self.pad_to_multiple,
                                  check_identical=self.check_identical_samples)
+        self.sequence_context.set(local.get("position_ids"), local.get("cu_seqlens"), local.get("max_seqlen"))
         return local
 
     def gather_sequence(self, x_local: torch.Tensor, shard_info: ShardInfo, dim: int = 1) -> torch.Tensor:
         """Collective over the sequence-parallel group: the full-sequence ``x`` of a prepared batch in
         original order, padding dropped (for predict outputs): pass ``batch["shard_info"]``."""
         return gather_sequence(x_local, shard_info, dim=dim)
+
+    @override
+    def teardown(self) -> None:
+        self.sequence_context.set(None)  # calls after the fit are not on its last batch
+        super().teardown()
 
     # ------------------------------------------------------------------ checkpoints
     @override

@@ -5,7 +5,9 @@ attention layer a ``sp_attention`` submodule (a :class:`LongContextAttention`, w
 binds like any other) and switches the model's ``attn_implementation`` to it. The registered
 function receives q, k, v as ``(batch, heads, seq, head_dim)``, already rotated by the model with
 the ``position_ids`` it was given, which must therefore be the global ones. Packed documents come
-in through the ``cu_seq_lens_q`` / ``max_length_q`` keyword arguments the models forward to attention.
+in through the ``cu_seq_lens_q`` / ``max_length_q`` keyword arguments the models forward to attention,
+or, for a model called with ``input_ids`` and ``position_ids`` only (positions restarting at 0 for
+each document), from the strategy's sequence context, which the layer checks against those positions.
 """
 from __future__ import annotations
 
@@ -36,7 +38,10 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         out = attn(q[0], k[0], v[0], causal=causal, softmax_scale=scaling, window_size=window, cu_seqlens=cu,
                    max_seqlen=kwargs.get("max_length_q"))[None]
     else:
-        out = attn(q, k, v, causal=causal, softmax_scale=scaling, window_size=window)
+        # the layer finds packed documents of a batch called with position_ids only (Hugging Face's
+        # packed convention) in the strategy's sequence context
+        out = attn(q, k, v, causal=causal, softmax_scale=scaling, window_size=window,
+                   position_ids=kwargs.get("position_ids"))
     return out, None
 
 

@@ -167,6 +167,58 @@ def _check_varlen(cu, local_tokens, layout, mesh):
                                 f"pad documents with lightning_sp.layout.shard_documents")
 
 
+class SequenceContext:
+    """The packing of the batch being trained on, shared by the attention layers a strategy binds.
+
+    A model called as ``model(input_ids=..., position_ids=...)`` on packed documents (Hugging Face's
+    convention: positions restart at 0 for each document) passes its attention layers no
+    ``cu_seqlens``; they read this rank's packing here instead. The strategy updates it (:meth:`set`)
+    for every batch it prepares (a dense batch clears it). A layer called with ``position_ids`` checks
+    that they are the prepared batch's (the same tensor, or equal values agreed on by every rank of
+    the sequence-parallel group) and otherwise raises on every rank, naming the fix: the packing
+    belongs to that batch only.
+    """
+
+    def __init__(self):
+        self.set(None)
+
+    def set(self, position_ids, cu_seqlens=None, max_seqlen=None) -> None:
+        """This rank's prepared ``position_ids`` and local ``cu_seqlens`` / ``max_seqlen`` (None: dense)."""
+        self.cu_seqlens = cu_seqlens
+        self.max_seqlen = max_seqlen
+        self.position_ids = position_ids if cu_seqlens is not None else None
+        self._checked = self.position_ids  # the positions tensor known to be the prepared batch's
+
+    def packing(self, position_ids, mesh: SPMesh) -> tuple:
+        """``(cu_seqlens, max_seqlen)`` for a layer called without ``cu_seqlens`` (``(None, None)``
+        for a dense batch); collective over ``mesh.sp_group`` where ``position_ids`` are not the
+        prepared tensor itself."""
+        if self.cu_seqlens is None:
+            return None, None
+        if position_ids is not None and not _same_tensor(position_ids, self._checked):
+            prepared = self.position_ids
+            same = (position_ids.numel() == prepared.numel()
+                    and torch.equal(position_ids.reshape(-1), prepared.reshape(-1).to(position_ids.device)))
+            if mesh.sp_size > 1 and dist.is_available() and dist.is_initialized():
+                verdict = torch.tensor([int(same)], device=position_ids.device)
+                dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=mesh.sp_group)
+                same = bool(verdict.item())
+            if not same:
+                raise SPConfigError(
+                    f"attention was called with position_ids {tuple(position_ids.shape)} that are not those of the "
+                    f"batch the strategy prepared ({tuple(prepared.shape)}, packed documents); pass "
+                    f"position_ids=batch['position_ids'] of that batch (or call model(**batch), which also passes "
+                    f"cu_seq_lens_q): the layers take its document boundaries, which hold for its tokens only")
+            self._checked = position_ids
+        return self.cu_seqlens, self.max_seqlen
+
+
+def _same_tensor(a, b) -> bool:
+    """The same tensor or a view of it with the same layout (e.g. detached for recomputation)."""
+    return b is not None and (a is b or (a.device == b.device and a.data_ptr() == b.data_ptr()
+                                         and a.shape == b.shape and a.stride() == b.stride()))
+
+
 class LongContextAttention(nn.Module):
     """Exact attention over a sequence split across the ranks of a dp x ring x ulysses mesh.
 
@@ -188,11 +240,14 @@ class LongContextAttention(nn.Module):
         self.ring_impl = canonical_layout(ring_impl)
         self.backend = check_backend(backend)
         self.head_groups = head_groups
+        self.sequence_context: SequenceContext | None = None
 
     def bind(self, mesh: SPMesh, ring_impl: str | None = None, backend: str | None = None,
-             head_groups: int | str | None = None):
+             head_groups: int | str | None = None, sequence_context: SequenceContext | None = None):
         """Attach ``mesh``; the other arguments, where not None, replace this layer's own."""
         self.mesh = mesh
+        if sequence_context is not None:
+            self.sequence_context = sequence_context
         if ring_impl is not None:
             self.ring_impl = canonical_layout(ring_impl)
         if backend is not None:
@@ -211,14 +266,28 @@ class LongContextAttention(nn.Module):
         return single_process_mesh()
 
     def forward(self, q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), cu_seqlens=None,
-                max_seqlen=None):
-        return self._attend((q, k, v), causal, softmax_scale, window_size, cu_seqlens, max_seqlen)
+                max_seqlen=None, position_ids=None):
+        """Attention on this rank's tokens. Without ``cu_seqlens``, a layer bound to a
+        :class:`SequenceContext` that holds packed documents attends within them (one row
+        ``(1, local_seq, heads, head_dim)`` in and out); ``position_ids``, where given, must be the
+        prepared batch's."""
+        return self._attend((q, k, v), causal, softmax_scale, window_size, cu_seqlens, max_seqlen, position_ids)
 
-    def _attend(self, inputs, causal, softmax_scale, window_size, cu_seqlens, max_seqlen):
-        return packed_long_context_attention(
-            inputs, self.resolved_mesh(), self.ring_impl, causal=causal, softmax_scale=softmax_scale,
+    def _attend(self, inputs, causal, softmax_scale, window_size, cu_seqlens, max_seqlen, position_ids=None):
+        mesh, row = self.resolved_mesh(), False
+        if cu_seqlens is None and self.sequence_context is not None:
+            cu_seqlens, max_seqlen = self.sequence_context.packing(position_ids, mesh)
+            row = cu_seqlens is not None and inputs[0].dim() == (4 if len(inputs) > 1 else 5)
+            if row:  # the packed documents as one batched row
+                if inputs[0].shape[0] != 1:
+                    raise SPConfigError(f"the batch holds packed documents (one row) but attention got a batch of "
+                                        f"{inputs[0].shape[0]} rows; call the model on the prepared batch")
+                inputs = [x[0] for x in inputs]
+        out = packed_long_context_attention(
+            inputs, mesh, self.ring_impl, causal=causal, softmax_scale=softmax_scale,
             window_size=window_size, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend,
             head_groups=self.head_groups)
+        return out[None] if row else out
 
     def extra_repr(self) -> str:
         mesh = "unbound" if self.mesh is None else self.mesh.describe()
@@ -231,8 +300,8 @@ class LongContextAttentionQKVPacked(LongContextAttention):
     gradient comes packed the same way, written in place."""
 
     def forward(self, qkv, causal=False, softmax_scale=None, window_size=(-1, -1), cu_seqlens=None,
-                max_seqlen=None):
-        return self._attend((qkv,), causal, softmax_scale, window_size, cu_seqlens, max_seqlen)
+                max_seqlen=None, position_ids=None):
+        return self._attend((qkv,), causal, softmax_scale, window_size, cu_seqlens, max_seqlen, position_ids)
 
 
 class UlyssesAttention(LongContextAttention):
