@@ -31,10 +31,25 @@ def tiny(seed=0, **kw) -> LlamaForCausalLM:
     return LlamaForCausalLM(config, **kw).double()
 
 
+def tiny_mixed(seed=0, **kw) -> LlamaForCausalLM:
+    """A sliding-window layer (window 5) before a global one, as Gemma and GPT-OSS alternate them."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         num_kv_heads=2, init_std=0.2, sliding_window=5,
+                         layer_types=["sliding_attention", "full_attention"])
+    return LlamaForCausalLM(config, **kw).double()
+
+
 def hf_tiny(seed=0, kind="llama"):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    if kind == "qwen":
+    if kind == "qwen_mixed":  # layer 0 global, layer 1 sliding (window 5): config.layer_types
+        config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+                                          use_sliding_window=True, sliding_window=5, max_window_layers=1)
+        assert list(config.layer_types) == ["full_attention", "sliding_attention"]
+        model = transformers.Qwen2ForCausalLM(config)
+    elif kind == "qwen":
         config = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
         model = transformers.Qwen2ForCausalLM(config)
@@ -332,7 +347,7 @@ def _sp_case(kind: str, packed: bool, ulysses: int, ring: int, layout: str, chec
     """On every rank: the swapped model on this rank's shard vs the whole-sequence reference (which
     never checkpoints activations)."""
     mesh = lightning_sp.init_sp_mesh(ulysses_degree=ulysses, ring_degree=ring)
-    model = tiny() if kind == "ours" else hf_tiny(kind=kind)
+    model = {"ours": tiny, "ours_mixed": tiny_mixed}.get(kind, lambda: hf_tiny(kind=kind))()
     g = torch.Generator().manual_seed(5)
     if packed:
         lengths = [13, 7, 12]  # uneven, not multiples of the layout's 8: padded per document
@@ -379,6 +394,28 @@ def test_swapped_model_matches_one_process_when_sequence_parallel(worlds, kind, 
     if kind != "ours":
         pytest.importorskip("transformers")
     worlds(4).run(_sp_case, kind, packed, 2, 2, "zigzag", timeout=120)
+
+
+@pytest.mark.parametrize("kind", ["ours_mixed", "qwen_mixed"])
+@pytest.mark.parametrize("packed,ulysses,ring,layout", [(False, 2, 2, "zigzag"), (True, 1, 4, "stripe"),
+                                                        (False, 4, 1, "contiguous"), (True, 2, 2, "contiguous")])
+def test_mixed_sliding_and_global_layers_match_one_process(worlds, kind, packed, ulysses, ring, layout):
+    """Each layer gets its own window through the swapped attention (ours from LlamaConfig.layer_types,
+    Hugging Face's from config.layer_types), against the one-process model's own attention."""
+    if kind != "ours_mixed":
+        pytest.importorskip("transformers")
+    worlds(4).run(_sp_case, kind, packed, ulysses, ring, layout, timeout=120)
+
+
+def test_sliding_layers_in_one_process_see_only_their_window():
+    """LocalAttention's window: a token beyond the window changes nothing on a sliding layer."""
+    model = tiny_mixed()
+    model.layers = model.layers[:1]  # the sliding layer only
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(3))
+    other = ids.clone()
+    other[0, 0] = (ids[0, 0] + 1) % VOCAB
+    out, out_other = model(ids), model(other)
+    assert torch.equal(out[0, 5:], out_other[0, 5:]) and not torch.equal(out[0, :5], out_other[0, :5])
 
 
 def test_swapped_model_matches_one_process_ring_only_stripe(worlds):

@@ -60,7 +60,7 @@ CASES = ([[f"{g}={o}"] for g, opts in GROUPS.items() for o in opts]
 @pytest.mark.parametrize("overrides", CASES, ids=" ".join)
 def test_every_config_composes_and_instantiates(overrides, tmp_path):
     text = tmp_path / "a.jsonl"  # one document longer than the longest experiment's sequence
-    text.write_text('{"text": "' + "hello " * 22_000 + '"}\n')
+    text.write_text('{"text": "' + "hello " * 90_000 + '"}\n')
     if "data=text" in overrides:
         overrides = overrides + [f"data.train.paths=[{text}]"]
     cfg = _compose(overrides, tmp_path)
@@ -284,3 +284,14 @@ def test_the_recipe_resumes_from_a_checkpoint_file_and_from_last_with_other_spli
     # float32 with another split: the reductions run in another order, so the curves agree to rounding
     for step, loss in got.items():
         assert loss == pytest.approx(want[step], rel=1e-4), (step, loss, want[step])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_mixed_layer_experiment_trains_on_cpu(tmp_path):
+    """experiment=cpu_mixed_layers: a sliding layer and a global one, 4 CPU processes (ulysses 2 x
+    ring 2); the loss falls from about ln 264."""
+    _run_recipe(tmp_path / "run", "experiment=cpu_mixed_layers", "trainer.max_steps=30")
+    losses = _logged_losses(tmp_path / "run" / "logs" / "version_0")
+    first, last = losses[min(losses)], losses[max(losses)]
+    assert last < first - 1.0, losses

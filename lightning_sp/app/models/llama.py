@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ...core.attention.hybrid import normalize_window
 from ...core.errors import SPConfigError
+from ...core.kernels.reference import block_mask
+from .config import LlamaConfig  # noqa: F401  (part of this module's API)
 from .chunked_loss import _add_product, _cross_entropy_and_grad, _LinearCrossEntropy  # noqa: F401
 from .offload import CheckpointOffload
 
@@ -64,50 +67,6 @@ def _check_offload(mode: str) -> None:
                             f"activation_checkpointing: full, or offload_checkpoints: false")
 
 
-@dataclass
-class LlamaConfig:
-    vocab_size: int = 264
-    hidden_size: int = 64
-    intermediate_size: int = 176
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int | None = None  # hidden_size // num_heads when None
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    init_std: float = 0.02
-
-    def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise SPConfigError(f"LlamaConfig.{name} must be a positive int, got {value!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise SPConfigError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} "
-                                f"(grouped-query attention shares each KV head among a whole group of query heads)")
-        if self.head_dim is None:
-            if self.hidden_size % self.num_heads:
-                raise SPConfigError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
-                                    f"set head_dim explicitly")
-            self.head_dim = self.hidden_size // self.num_heads
-        if self.head_dim % 2:
-            raise SPConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-
-    def num_params(self) -> int:
-        d, h, kv, hd, ff, V = (self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
-                               self.intermediate_size, self.vocab_size)
-        layer = d * hd * (h + 2 * kv) + h * hd * d + 3 * d * ff + 2 * d
-        return V * d * (1 if self.tie_word_embeddings else 2) + self.num_layers * layer + d
-
-    def flops_per_token(self, seq_len: int, causal: bool = True) -> float:
-        """Training FLOPs per token (forward + backward): 6 N for the matmuls with the weights (the
-        embedding lookup excluded) plus the attention scores, halved when causal."""
-        n = self.num_params() - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)
-        attn = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
-        return 6 * n + (attn / 2 if causal else attn)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -135,22 +94,23 @@ def rope(x: torch.Tensor, position_ids: torch.Tensor, theta: float) -> torch.Ten
 
 
 class LocalAttention(nn.Module):
-    """Attention over the tokens this process holds (torch SDPA): the single-process core."""
+    """Attention over the tokens this process holds (torch SDPA): the single-process core. A sliding
+    ``window_size`` (flash-attn's ``(left, right)``, -1 unbounded) becomes an explicit mask."""
 
     def forward(self, q, k, v, causal=False, softmax_scale=None, window_size=(-1, -1), cu_seqlens=None,
                 max_seqlen=None):
-        if tuple(window_size) != (-1, -1):
-            raise SPConfigError(f"LocalAttention has no sliding window (got window_size={window_size}); "
-                                f"use LongContextAttention for windowed attention")
         if cu_seqlens is None:
+            window = normalize_window(window_size)
+            mask = None if window == (None, None) else block_mask(q.shape[1], k.shape[1], causal, window, q.device)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=causal, scale=softmax_scale, enable_gqa=True)
+                                                 attn_mask=mask, is_causal=causal and mask is None,
+                                                 scale=softmax_scale, enable_gqa=True)
             return out.transpose(1, 2)
         bounds = [int(b) for b in torch.as_tensor(cu_seqlens).tolist()]
         if bounds[-1] != q.shape[0]:
             raise SPConfigError(f"cu_seqlens ends at {bounds[-1]} but q holds {q.shape[0]} tokens; pass the "
                                 f"cu_seqlens of this process's tokens")
-        outs = [self.forward(q[None, a:b], k[None, a:b], v[None, a:b], causal, softmax_scale)[0]
+        outs = [self.forward(q[None, a:b], k[None, a:b], v[None, a:b], causal, softmax_scale, window_size)[0]
                 for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
         return torch.cat(outs) if outs else q.new_empty(q.shape)
 
@@ -160,9 +120,10 @@ class Attention(nn.Module):
     ``DecoderLayer`` runs ``project``, the core and ``o_proj`` as separate parts, so that
     checkpointing can recompute the projections without re-running the core."""
 
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer_idx: int = 0):
         super().__init__()
         c = config
+        self.window_size = c.window_size(layer_idx)
         self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta = (c.num_heads, c.num_kv_heads,
                                                                              c.head_dim, c.rope_theta)
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
@@ -210,10 +171,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig, mlp_chunk_size: int | None = None):
+    def __init__(self, config: LlamaConfig, mlp_chunk_size: int | None = None, layer_idx: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer_idx)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, mlp_chunk_size)
 
@@ -238,7 +199,8 @@ class DecoderLayer(nn.Module):
             before, after = _before_attention, _after_attention
             part = _recomputed if recompute else _kept
         q, k, v = part(before, self, x, position_ids, cu_seqlens is not None)
-        out = self.attn.core(q, k, v, causal=True, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        out = self.attn.core(q, k, v, causal=True, window_size=self.attn.window_size, cu_seqlens=cu_seqlens,
+                             max_seqlen=max_seqlen)
         return part(after, self, x, out)
 
 
@@ -375,7 +337,7 @@ class LlamaForCausalLM(nn.Module):
         self.compile_blocks = compile_blocks
         self.loss_chunk_size = loss_chunk_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, mlp_chunk_size) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, mlp_chunk_size, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
