@@ -28,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 
 TIMEOUT = 300
 TOL = 1e-9  # float64 everywhere; the distributed run differs by summation order only
+HF_TOL = 1e-5  # Hugging Face's causal-LM loss takes the logits in float32
 LR, MOMENTUM, IGNORE = 0.5, 0.5, -100
 # document lengths of each packed row: 1-token documents, and documents longer than a rank's
 # quarter of the row (13 of 24, 12 of 25, 17 of 27)
@@ -53,7 +54,7 @@ class FlattenedRows(Dataset):
     (labels -100 at every document's first token) for even rows, plain ``labels = input_ids`` (as
     TRL's padding-free packing) for odd ones; ``position_ids`` restart at 0 for each document."""
 
-    def __init__(self):
+    def __init__(self, with_cu_seqlens: bool = False):
         g = torch.Generator().manual_seed(3)
         self.docs = [[torch.randint(1, C.VOCAB, (n,), generator=g) for n in row] for row in ROWS]
         collate = transformers.DataCollatorWithFlattening(return_tensors="pt")
@@ -62,6 +63,8 @@ class FlattenedRows(Dataset):
             flat = {k: v[0] for k, v in collate([{"input_ids": d.tolist()} for d in docs]).items()}
             if i % 2:
                 flat["labels"] = flat["input_ids"].clone()
+            if with_cu_seqlens:  # the explicit convention: the documents' global cu_seqlens
+                flat["cu_seqlens"] = torch.tensor([0, *torch.tensor([len(d) for d in docs]).cumsum(0).tolist()])
             self.items.append({**flat, "idx": i})
 
     def __len__(self):
@@ -76,6 +79,8 @@ class PackedUserLM(pl.LightningModule):
     the loss from the prepared ``labels``.
 
     ``call="local_positions"`` passes positions that are not the batch's (this rank's 0, 1, 2, ...);
+    ``call="batch"`` is Hugging Face's own loss on the whole prepared batch, ``model(**batch).loss``
+    (the documents reach attention as ``cu_seq_lens_q``, the loss reads ``shift_labels``);
     ``forget_packing`` unbinds the layers from the strategy's sequence context (so they attend
     across documents), to show that the comparison sees it."""
 
@@ -94,6 +99,8 @@ class PackedUserLM(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.seen += batch["idx"].tolist()
+        if self.call == "batch":
+            return self.model(**batch).loss
         positions = batch["position_ids"]
         if self.call == "local_positions":
             positions = torch.arange(positions.shape[-1]).expand_as(positions)
@@ -104,12 +111,12 @@ class PackedUserLM(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
 
 
-def packed_fit_job(kind, ulysses, ring, layout, *, call="positions", forget_packing=False):
+def packed_fit_job(kind, ulysses, ring, layout, *, call="positions", forget_packing=False, with_cu_seqlens=False):
     """Fit PackedUserLM under ulysses_ring; returns (error or None, rows trained, final parameters)."""
     module = PackedUserLM(kind, call=call, forget_packing=forget_packing)
     trainer = C._trainer(C.make_strategy(ulysses, ring, layout), max_steps=len(ROWS))
     try:
-        trainer.fit(module, DataLoader(FlattenedRows(), batch_size=1))
+        trainer.fit(module, DataLoader(FlattenedRows(with_cu_seqlens), batch_size=1))
     except Exception as err:  # noqa: BLE001 -- the test compares what every rank raised
         return f"{type(err).__name__}: {err}", module.seen, None
     return None, module.seen, {k: v.detach().clone() for k, v in module.model.state_dict().items()}
@@ -163,6 +170,22 @@ def test_packed_rows_train_like_each_document_alone(worlds, layout, ulysses, rin
             assert not torch.equal(v, start[k]) or "norm" in k, f"{k} did not train"
         err, name = _max_error(params, ref)
         assert err < TOL, f"rank {rank}: {name} differs from one process running each document by {err:.3g}"
+
+
+@pytest.mark.parametrize("call,with_cu_seqlens,tol", [
+    ("batch", False, HF_TOL),  # Hugging Face's own loss, the documents as cu_seq_lens_q
+    ("positions", True, TOL),  # rows that carry cu_seqlens, the model called with positions only
+])
+@pytest.mark.parametrize("layout,ulysses,ring,kind", [("zigzag", 2, 2, "mistral"), ("contiguous", 4, 1, "llama")])
+def test_the_explicit_conventions_train_alike(worlds, call, with_cu_seqlens, tol, layout, ulysses, ring, kind):
+    results = worlds(4).run(packed_fit_job, kind, ulysses, ring, layout, call=call, with_cu_seqlens=with_cu_seqlens,
+                            timeout=TIMEOUT)
+    errors, seen, _ = zip(*results)
+    assert errors == (None,) * 4, errors[0]
+    ref = _reference(kind, seen[0])
+    for rank, (_, _, params) in enumerate(results):
+        err, name = _max_error(params, ref)
+        assert err < tol, f"rank {rank}: {name} differs from one process running each document by {err:.3g}"
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
