@@ -304,25 +304,25 @@ def distributed(args, device, dtype, rank, world):
             lengths, window = distribution(name, total)
             fields = dict(kv_heads=kv, seq_len=total, fwd_only=fwd_only, distribution=name, window=window,
                           backend=args.backend, ulysses=1)
-            runs = [("single_gpu", None, None, lambda: calls_step(
+            runs = [("single_gpu", None, None, None, lambda: calls_step(
                         [whole_batch_call(lengths, window)], *make_inputs(args, kv, total, device, dtype, args.seed),
                         args.backend, fwd_only))]
             for layout in args.layout:
                 placement = LAYOUTS[layout](cu_seqlens(lengths), world, 1, window=window)
-                runs.append(("ours", layout, "compute_only", lambda p=placement: ours_compute_only(
+                runs.append(("ours", layout, "compute_only", placement, lambda p=placement: ours_compute_only(
                     args, p, rank, kv, device, dtype, fwd_only)))
                 if layout in RING_LAYOUTS:
-                    runs.append(("ours", layout, "ring", lambda layout=layout: ours_ring(
+                    runs.append(("ours", layout, "ring", placement, lambda layout=layout: ours_ring(
                         args, lengths, window, layout, rank, kv, device, dtype, fwd_only)))
-            runs.append(("torch_cp", "flex", None, lambda: torch_cp_step(args, lengths, window, kv, device, dtype,
-                                                                         fwd_only)))
-            for what, layout, path, make in runs:
+            runs.append(("torch_cp", "flex", None, None, lambda: torch_cp_step(args, lengths, window, kv, device, dtype,
+                                                                               fwd_only)))
+            for what, layout, path, placement, make in runs:
                 single = what == "single_gpu"
                 record = common.base_record(what, args, device, 1 if single else world, layout=layout, path=path,
                                             kernel=None, config=f"{name} {layout or ''} {path or ''}".strip(),
                                             ring=1 if single else world, **fields)
-                if layout in LAYOUTS and what == "ours":
-                    record.update(placement_fields(LAYOUTS[layout](cu_seqlens(lengths), world, 1, window=window)))
+                if placement is not None:
+                    record.update(placement_fields(placement))
                 try:
                     step, kernels = make()
                     record["kernel"] = ",".join(kernels)
