@@ -18,6 +18,7 @@ from .core.attention.functional import (  # ring-flash-attention's functions
     stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func, zigzag_ring_flash_attn_func,
     zigzag_ring_flash_attn_kvpacked_func, zigzag_ring_flash_attn_qkvpacked_func, zigzag_ring_flash_attn_varlen_func,
     zigzag_ring_flash_attn_varlen_kvpacked_func, zigzag_ring_flash_attn_varlen_qkvpacked_func)
+from .core.attention.functional import __all__ as _function_names
 from .core.config import SPConfig
 from .core.errors import KernelError, SPConfigError
 from .core.loss import TokenLoss
@@ -52,11 +53,4 @@ __version__ = "0.1.0"
 __all__ = ["KernelError", "LongContextAttention", "LongContextAttentionQKVPacked", "SPConfig", "SPConfigError",
            "SPMesh", "TokenLoss", "UlyssesAttention", "UlyssesRingFSDPStrategy", "UlyssesRingStrategy", "build_mesh",
            "init_sp_mesh", "kernels", "layout", "long_context_attention", "loss", "packed_long_context_attention",
-           "prepared_batch", "register_strategies", "ring_mesh", "swap_attention",
-           "ring_flash_attn_func", "ring_flash_attn_kvpacked_func", "ring_flash_attn_qkvpacked_func",
-           "ring_flash_attn_varlen_func", "ring_flash_attn_varlen_kvpacked_func",
-           "ring_flash_attn_varlen_qkvpacked_func", "stripe_flash_attn_func",
-           "stripe_flash_attn_kvpacked_func", "stripe_flash_attn_qkvpacked_func",
-           "zigzag_ring_flash_attn_func", "zigzag_ring_flash_attn_kvpacked_func",
-           "zigzag_ring_flash_attn_qkvpacked_func", "zigzag_ring_flash_attn_varlen_func",
-           "zigzag_ring_flash_attn_varlen_kvpacked_func", "zigzag_ring_flash_attn_varlen_qkvpacked_func"]
+           "prepared_batch", "register_strategies", "ring_mesh", "swap_attention", *_function_names]

@@ -13,12 +13,7 @@ from .hybrid import (LongContextAttention, LongContextAttentionQKVPacked, Ulysse
                      long_context_attention, packed_long_context_attention)
 from .ring import RingSpec
 
+from .functional import __all__ as _function_names
+
 __all__ = ["LongContextAttention", "LongContextAttentionQKVPacked", "UlyssesAttention", "RingSpec",
-           "long_context_attention", "packed_long_context_attention", "ring_mesh",
-           "ring_flash_attn_func", "ring_flash_attn_kvpacked_func", "ring_flash_attn_qkvpacked_func",
-           "ring_flash_attn_varlen_func", "ring_flash_attn_varlen_kvpacked_func",
-           "ring_flash_attn_varlen_qkvpacked_func", "stripe_flash_attn_func",
-           "stripe_flash_attn_kvpacked_func", "stripe_flash_attn_qkvpacked_func",
-           "zigzag_ring_flash_attn_func", "zigzag_ring_flash_attn_kvpacked_func",
-           "zigzag_ring_flash_attn_qkvpacked_func", "zigzag_ring_flash_attn_varlen_func",
-           "zigzag_ring_flash_attn_varlen_kvpacked_func", "zigzag_ring_flash_attn_varlen_qkvpacked_func"]
+           "long_context_attention", "packed_long_context_attention", "ring_mesh", *_function_names]
