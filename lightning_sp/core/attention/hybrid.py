@@ -106,11 +106,20 @@ def long_context_attention(q, k, v, mesh: SPMesh, layout: str, **options):
 
 def packed_long_context_attention(inputs, mesh: SPMesh, layout: str, *, causal=False, softmax_scale=None,
                                   window_size=(-1, -1), cu_seqlens=None, max_seqlen=None, backend="auto",
-                                  head_groups="auto", return_lse=False):
+                                  head_groups="auto", return_lse=False, placement=None):
     """Functional hybrid attention on this rank's tokens, given as (q, k, v), (q, kv) or (qkv,)
     (kv: (b, s, 2, Hk, d), qkv: (b, s, 3, H, d); with ``cu_seqlens`` without the batch dimension).
     With ``return_lse`` also the log-sum-exp in float32, (b, S/R, H/U) or (t*U, H/U) for packed
-    documents: the rows and heads this rank attended (the ring's sequence shard, its Ulysses heads)."""
+    documents: the rows and heads this rank attended (the ring's sequence shard, its Ulysses heads).
+    ``placement``: packed documents placed by work (a ``placement.DocumentPlacement``, instead of
+    ``cu_seqlens``; see :mod:`lightning_sp.core.attention.placed`)."""
+    if placement is not None:
+        if cu_seqlens is not None:
+            raise SPConfigError("pass either cu_seqlens or placement, not both (a placement has its own)")
+        from .placed import placed_long_context_attention
+        return placed_long_context_attention(inputs, mesh, placement, causal=causal, softmax_scale=softmax_scale,
+                                             window=normalize_window(window_size), backend=backend,
+                                             head_groups=head_groups, return_lse=return_lse)
     # over one ring rank every layout holds the tokens in their order: the zigzag's even-length
     # rule (two chunks per rank) does not apply
     layout = canonical_layout(layout) if mesh.ring_size > 1 else "contiguous"

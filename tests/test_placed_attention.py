@@ -1,0 +1,121 @@
+"""Attention over packed documents placed by work (lightning_sp.core.attention.placed), on gloo
+worlds of 2, 4 and 8 processes: outputs and every gradient against a single-process float64
+reference, and the bytes every rank sends against the placement's prediction."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from attention_cases import _grads_reference, _inputs, rel_err
+
+
+def cu(lengths) -> torch.Tensor:
+    return torch.tensor([0, *lengths]).cumsum(0)
+
+
+def placed_case(ulysses, ring, lengths, window=None, heads=4, kv_heads=2, head_dim=8, seed=0, spread=False,
+                max_imbalance=1.03):
+    """(errors, filler norms, forward bytes per step, backward bytes per step, predicted bytes per step)."""
+    import lightning_sp
+    from lightning_sp.core import placement as P
+    from lightning_sp.core.attention.placed import count_sent_bytes
+    from lightning_sp.core.attention.ulysses import replicated_kv_heads
+
+    mesh = lightning_sp.init_sp_mesh(ulysses_degree=ulysses, ring_degree=ring)
+    T = sum(lengths)
+    q, k, v, dout = (t[0] for t in _inputs(1, T, heads, kv_heads, head_dim, seed))
+    doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    positions = torch.arange(T) - cu(lengths)[doc_ids]
+    w = (-1, -1) if window is None else (window, 0)
+    ref = [r[0] for r in _grads_reference(q[None], k[None], v[None], dout[None], causal=True, scale=head_dim ** -0.5,
+                                          window=w, doc_ids=doc_ids, positions=positions)]
+    if spread:
+        placement = P.spread_documents(cu(lengths), ring, ulysses, window=window)
+    else:
+        placement = P.place_documents(cu(lengths), ring, ulysses, window=window, max_imbalance=max_imbalance)
+    r, u = mesh.ring_rank, mesh.ulysses_rank
+    idx = placement.local_indices(r, u)
+    real = idx >= 0
+    local = [placement.shard(t, r, u).requires_grad_() for t in (q, k, v)]
+    with count_sent_bytes() as record:
+        out = lightning_sp.packed_long_context_attention(local, mesh, "zigzag", causal=True, window_size=w,
+                                                         placement=placement)
+        out.backward(placement.shard(dout, r, u))
+    errs = {name: rel_err(got[real], want[idx[real]])
+            for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *(x.grad for x in local)), ref)}
+    # filler (slots after the rank's pieces, in no document): out 0 and zero gradients; the padding at
+    # a split document's end: zero gradients (its rows attend, but nothing real sees them)
+    slots = torch.arange(placement.tokens_per_rank).chunk(ulysses)[u]
+    filler_rows = slots >= int(placement.cu_seqlens[r][-1])
+    filler = [float(x.detach()[mask].abs().max()) if mask.any() else 0.0
+              for x, mask in zip((out, *(x.grad for x in local)), (filler_rows, ~real, ~real, ~real))]
+    sent = {phase: [sum(b for p, s, _, b in record if p == phase and s == step) for step in range(ring)]
+            for phase in ("forward", "backward")}
+    kv_heads_here = replicated_kv_heads(kv_heads, ulysses) // ulysses
+    predicted = placement.step_bytes(2 * kv_heads_here * head_dim * 8)[r]
+    return errs, filler, sent["forward"], sent["backward"], list(predicted)
+
+
+def _check(results, tol=1e-10):
+    for errs, filler, fwd, bwd, predicted in results:
+        assert max(errs.values()) < tol, errs
+        assert max(filler) == 0.0, filler  # filler rows: out 0, zero gradients
+        assert fwd == predicted and bwd == predicted, (fwd, bwd, predicted)
+
+
+def _lengths(kind: str, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    if kind == "random":  # 1-token documents and documents longer than a rank's share
+        return [rng.choice([1, 1, 2, 3, rng.randint(4, 40), rng.randint(40, 120)]) for _ in range(12)]
+    if kind == "tiny":  # hundreds of tiny documents
+        return [rng.randint(1, 4) for _ in range(300)]
+    if kind == "one_long":
+        return [97, 1, 5]
+    raise ValueError(kind)
+
+
+SPLITS = [(1, 2), (2, 1), (1, 4), (2, 2), (1, 8), (2, 4), (4, 2)]
+
+
+@pytest.mark.parametrize("ulysses,ring", SPLITS)
+@pytest.mark.parametrize("kind", ["random", "tiny", "one_long"])
+@pytest.mark.parametrize("window", [None, 7])
+def test_placed_matches_reference(worlds, ulysses, ring, kind, window):
+    results = worlds(ulysses * ring).run(placed_case, ulysses, ring, _lengths(kind, ulysses * 10 + ring),
+                                         window=window, timeout=180)
+    _check(results)
+
+
+@pytest.mark.parametrize("ring", [2, 4])
+def test_spread_placement_matches_reference(worlds, ring):
+    """Today's per-document zigzag as a placement: every document spans every rank."""
+    results = worlds(ring).run(placed_case, 1, ring, [13, 1, 30, 4], spread=True, timeout=180)
+    _check(results)
+    assert all(sum(fwd) > 0 for _, _, fwd, _, _ in results)
+
+
+def test_no_spanning_document_sends_nothing(worlds):
+    """Eight 16-token documents on 4 ranks: balanced whole, no byte leaves any rank."""
+    results = worlds(4).run(placed_case, 1, 4, [16] * 8, timeout=180)
+    _check(results)
+    assert all(sum(fwd) == sum(bwd) == 0 for _, _, fwd, bwd, _ in results)
+
+
+def test_hand_computed_bytes(worlds):
+    """One 8-token document over 2 ranks (spread): each rank sends its 4-token piece once at step 1,
+    K and V of 2 heads x 8 dims in float64 = 4 * 2 * 2 * 8 * 8 = 1024 bytes (dK/dV the same back)."""
+    results = worlds(2).run(placed_case, 1, 2, [8], spread=True, timeout=180)
+    _check(results)
+    assert [(fwd, bwd) for _, _, fwd, bwd, _ in results] == [([0, 1024], [0, 1024])] * 2
+
+
+@pytest.mark.parametrize("name", ["one", "16x8K", "128x1K", "mixed"])
+def test_issue_distributions_bytes(worlds, name):
+    """The issue's four distributions at 1/256 scale (512 tokens) on 4 ranks."""
+    lengths = {"one": [512], "16x8K": [32] * 16, "128x1K": [4] * 128,
+               "mixed": [256, 3, 17, 8, 1, 40, 9, 12, 64, 2, 30, 5, 20, 45]}[name]
+    assert sum(lengths) == 512
+    results = worlds(4).run(placed_case, 1, 4, lengths, timeout=180)
+    _check(results)
