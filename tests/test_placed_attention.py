@@ -73,6 +73,8 @@ def _lengths(kind: str, seed: int) -> list[int]:
         return [rng.randint(1, 4) for _ in range(300)]
     if kind == "one_long":
         return [97, 1, 5]
+    if kind == "tiny_long":  # hundreds of tiny documents beside one that spans ranks
+        return [rng.randint(1, 3) for _ in range(200)] + [150] + [rng.randint(1, 3) for _ in range(50)]
     raise ValueError(kind)
 
 
@@ -80,7 +82,7 @@ SPLITS = [(1, 2), (2, 1), (1, 4), (2, 2), (1, 8), (2, 4), (4, 2)]
 
 
 @pytest.mark.parametrize("ulysses,ring", SPLITS)
-@pytest.mark.parametrize("kind", ["random", "tiny", "one_long"])
+@pytest.mark.parametrize("kind", ["random", "tiny", "one_long", "tiny_long"])
 @pytest.mark.parametrize("window", [None, 7])
 def test_placed_matches_reference(worlds, ulysses, ring, kind, window):
     results = worlds(ulysses * ring).run(placed_case, ulysses, ring, _lengths(kind, ulysses * 10 + ring),
@@ -119,3 +121,28 @@ def test_issue_distributions_bytes(worlds, name):
     assert sum(lengths) == 512
     results = worlds(4).run(placed_case, 1, 4, lengths, timeout=180)
     _check(results)
+
+
+def test_misuse_raises():
+    """A placement for another mesh, or a mask it was not made for: an SPConfigError naming the fix."""
+    import lightning_sp
+    from lightning_sp.core import placement as P
+    from lightning_sp.core.errors import SPConfigError
+    from lightning_sp.core.mesh import single_process_mesh
+
+    mesh = single_process_mesh()
+    q = torch.randn(6, 2, 4, dtype=torch.float64)
+    with pytest.raises(SPConfigError, match="ring 2"):
+        lightning_sp.packed_long_context_attention((q, q, q), mesh, "zigzag", causal=True,
+                                                   placement=P.place_documents(cu([4, 2]), 2))
+    one = P.place_documents(cu([4, 2]), 1)
+    with pytest.raises(SPConfigError, match="causal=True"):
+        lightning_sp.packed_long_context_attention((q, q, q), mesh, "zigzag", causal=False, placement=one)
+    with pytest.raises(SPConfigError, match="window"):
+        lightning_sp.packed_long_context_attention((q, q, q), mesh, "zigzag", causal=True, window_size=(3, 0),
+                                                   placement=one)
+    with pytest.raises(SPConfigError, match="not both"):
+        lightning_sp.packed_long_context_attention((q, q, q), mesh, "zigzag", causal=True, placement=one,
+                                                   cu_seqlens=cu([4, 2]))
+    out = lightning_sp.packed_long_context_attention((q, q, q), mesh, "zigzag", causal=True, placement=one)
+    assert out.shape == q.shape
