@@ -312,7 +312,36 @@ def test_offload_on_a_gpu_trains_within_bf16_noise_and_frees_the_layer_inputs():
     assert peak_without - peak_with >= 3 * layer_bytes, (peak_without / 2**20, peak_with / 2**20)
 
 
-# ------------------------------------------------------------------------ the training benchmark
+# ------------------------------------------------------------------------ the benchmark scripts
+
+
+def test_memory_estimate_moves_all_but_two_layer_inputs_to_the_host():
+    """estimate_memory.memory_peaks runs the model's own offload (forced) under fake tensors: the host
+    holds every checkpointed layer's input but the last, and the GPU peak no longer grows with the
+    layers (two inputs stay: the last one and the one prefetched)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark", "estimate_memory.py")
+    spec = importlib.util.spec_from_file_location("estimate_memory", path)
+    est = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(est)
+    tokens, hidden = 8192, 256
+    layer = tokens * hidden * 4  # a float32 layer input (a power of two: its host pieces are exact)
+    peaks = {}
+    for layers in (4, 8):
+        config = dict(vocab_size=256, hidden_size=hidden, intermediate_size=1024, num_heads=4, num_kv_heads=2,
+                      num_layers=layers)
+        for offload in (False, True):
+            kw = dict(activation_checkpointing="full", offload_checkpoints=offload)
+            peaks[layers, offload] = est.memory_peaks(config, kw, tokens, keep_grads=False)
+    for layers in (4, 8):
+        assert peaks[layers, False][1] == 0 and peaks[layers, True][1] == (layers - 1) * layer
+        saved = peaks[layers, False][0] - peaks[layers, True][0]
+        assert abs(saved - (layers - 2) * layer) < 0.01 * layer, saved / layer
+    assert peaks[8, True][0] - peaks[4, True][0] < 0.01 * layer
+
+
 
 
 def test_benchmark_offload_and_a_find_max_search_kept_between_calls(tmp_path):
