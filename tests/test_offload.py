@@ -322,8 +322,8 @@ def test_memory_estimate_moves_all_but_two_layer_inputs_to_the_host():
     import importlib.util
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmark", "estimate_memory.py")
-    spec = importlib.util.spec_from_file_location("estimate_memory", path)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("estimate_memory", os.path.join(root, "benchmark", "estimate_memory.py"))
     est = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(est)
     tokens, hidden = 8192, 256
