@@ -324,8 +324,12 @@ def test_bad_inputs_raise_errors_that_say_why():
         LlamaForCausalLM(mlp_chunk_size=0)
     with pytest.raises(lightning_sp.SPConfigError, match="one packed row"):
         tiny()(torch.zeros(2, 8, dtype=torch.long), cu_seqlens=torch.tensor([0, 8]))
-    with pytest.raises(lightning_sp.SPConfigError, match="window"):
-        LocalAttention()(*torch.zeros(3, 1, 4, 2, 8), window_size=(2, 0))
+    with pytest.raises(lightning_sp.SPConfigError, match="window_size entries must be ints >= -1"):
+        LocalAttention()(*torch.zeros(3, 1, 4, 2, 8), window_size=(-2, 0))
+    with pytest.raises(lightning_sp.SPConfigError, match="sliding_window is None"):
+        LlamaConfig(num_layers=2, layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(lightning_sp.SPConfigError, match="for each of the 2 layers"):
+        LlamaConfig(num_layers=2, sliding_window=4, layer_types=["sliding_attention"])
 
 
 def test_hf_model_errors_say_why():
