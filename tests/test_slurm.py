@@ -225,9 +225,14 @@ def test_submitit_launcher_configs_tie_tasks_and_nodes_to_the_trainer(launcher):
     assert params["additional_parameters"]["requeue"] is True
 
 
+@pytest.mark.slow
 def test_submitit_renders_the_expected_sbatch_parameters(tmp_path):
-    """The sbatch file submitit writes for the `slurm` launcher, built the way the Hydra plugin builds its executor."""
+    """The sbatch file submitit writes for the `slurm` launcher, built the way the Hydra plugin builds its executor.
+    submitit's SLURM executor wants `srun` on the machine: the SLURM client is installed as for the
+    controller tests (slow tier: on a fresh machine that is an apt-get install)."""
     submitit = pytest.importorskip("submitit")
+    from slurm_cluster import ensure_installed
+    ensure_installed()
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=slurm", "trainer=gpu", "trainer.devices=8", "trainer.num_nodes=2"],
