@@ -20,6 +20,9 @@ import sys
 
 import pytest
 
+# every test here launches the benchmark scripts (torchrun, several processes): the slow tier
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmark")
 TINY = ["--nheads", "4", "--head_dim", "16", "--seq_len", "64", "--warmup", "1", "--iters", "2"]

@@ -204,6 +204,7 @@ def test_the_readmes_own_module_trains(tmp_path):
     assert "ulysses 4, ring 1" in out
 
 
+@pytest.mark.slow
 def test_the_readmes_attention_snippet_runs_under_torchrun(tmp_path):
     """The three-line snippet under torchrun with 4 processes; each rank's rows against float64
     attention over the whole sequence."""
