@@ -202,7 +202,8 @@ def main(argv=None) -> int:
           f"{'' if args.strategy == 'ddp' else f' over {args.world}'}): {states / GIB:.1f} GiB")
     if args.longest:
         budget = (args.gpu_gib - args.reserve_gib) * GIB
-        print(f"longest sequence over {args.world} GPUs of {args.gpu_gib:g} GiB ({args.reserve_gib:g} GiB kept free):")
+        print(f"longest sequence over {args.world} GPU{'s' * (args.world > 1)} of {args.gpu_gib:g} GiB "
+              f"({args.reserve_gib:g} GiB kept free):")
         for (mode, offload), chunk in ((m, c) for m in modes for c in args.mlp_chunk_size):
             kw = dict(model_kwargs, activation_checkpointing=mode, mlp_chunk_size=chunk or None,
                       offload_checkpoints=offload)
@@ -214,7 +215,7 @@ def main(argv=None) -> int:
             tokens, gpu, host = best
             print(f"  {tag}: {tokens * args.world:,} tokens ({tokens:,} per GPU), {gpu / GIB:.1f} GiB per GPU"
                   + (f", host {host / GIB:.1f} GiB per GPU ({host * args.world / GIB:,.0f} GiB for the {args.world})"
-                     if offload else ""), flush=True)
+                     if offload and args.world > 1 else f", host {host / GIB:.1f} GiB" if offload else ""), flush=True)
         return 0
     print(f"{'tokens/GPU':>10} {'checkpointing':>17} {'mlp chunk':>9} {'activations':>12} {'total':>8} {'host':>9}")
     for tokens in args.tokens_per_gpu:
