@@ -19,6 +19,15 @@ def worlds():
         world.stop()
 
 
+@pytest.fixture(scope="module")
+def world4():
+    """A 4-process gloo world of the module's own (the strategy tests run Lightning in it)."""
+    world = World(4)
+    world.start()
+    yield world
+    world.stop()
+
+
 # tests/torchrun/ holds torchrun scripts, not pytest modules: tests/gpu/test_gpu_distributed.py
 # launches each of them (its tests are collected everywhere and skip, saying why, without the GPUs)
 collect_ignore = ["torchrun"]

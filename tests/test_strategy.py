@@ -24,14 +24,6 @@ TIMEOUT = 180
 LAYOUTS = ("contiguous", "zigzag", "stripe")
 
 
-@pytest.fixture(scope="module")
-def world4():
-    world = World(4)
-    world.start()
-    yield world
-    world.stop()
-
-
 def _coords(dp, ring, ulysses, sp_rank) -> SPMesh:
     """Index maths of another rank (no process group)."""
     config = lightning_sp.SPConfig(ulysses_degree=ulysses, ring_degree=ring, world_size=dp * ring * ulysses)

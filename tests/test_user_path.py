@@ -15,7 +15,6 @@ import torch
 import lightning_sp
 import strategy_cases as C
 import user_cases as U
-from dist_harness import World
 
 pytest.importorskip("transformers")
 
@@ -25,14 +24,6 @@ TIMEOUT = 300
 # mean, the world's count without the world size) is off by far more: the ranks hold different
 # numbers of valid labels.
 HF_TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def world4():
-    world = World(4)
-    world.start()
-    yield world
-    world.stop()
 
 
 def _same_error_everywhere(results, match):
