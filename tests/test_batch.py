@@ -43,10 +43,11 @@ def test_shift_labels_false_leaves_labels_as_they_are():
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [None, "work", "spread"])
 def test_the_ranks_shards_reassemble_the_prepared_sequence(layout, packed):
     """Over a ring 2 x ulysses 2 group every token is held once: the shards of all ranks, put back
-    where shard_info says, are the one-process preparation (padding aside)."""
+    where shard_info says, are the one-process preparation (padding aside); packed documents placed
+    by work or spread with the layout."""
     ids = torch.arange(1, 12)[None]
     batch = {"input_ids": ids, "labels": ids.clone()}
     if packed:
@@ -55,13 +56,9 @@ def test_the_ranks_shards_reassemble_the_prepared_sequence(layout, packed):
     got = {k: torch.full((11,), -1) for k in ("input_ids", "labels", "position_ids")}
     for sp_rank in range(4):
         local, info = prepare_batch(batch, rank_coordinates(2, 2, sp_rank // 2, sp_rank % 2), layout=layout,
-                                    agree=False)
-        if packed:
-            index = info.packed.token_index
-        else:
-            from lightning_sp.core.layout import local_indices
-            index = local_indices(info.padded_len, info.mesh, layout)
-            index = torch.where(index < info.seq_len, index, -1)
+                                    agree=False, document_placement=packed)
+        assert (info.placement is not None) == (packed == "work") and (info.packed is not None) == (packed == "spread")
+        index = info.token_index
         for k in got:
             keep = index >= 0
             got[k][index[keep]] = local[k][0][keep]
@@ -235,8 +232,9 @@ def test_the_data_collator_with_flattening_gives_packed_documents():
     assert local["labels"][0].tolist() == [6, 7, IGNORE, IGNORE, 10, 11, 12, 13, IGNORE]
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
-def test_restarting_positions_are_sharded_like_explicit_documents(layout):
+@pytest.mark.parametrize("layout,placement", [("contiguous", "spread"), ("zigzag", "spread"), ("stripe", "spread"),
+                                              ("zigzag", "work")])
+def test_restarting_positions_are_sharded_like_explicit_documents(layout, placement):
     """On every rank of ring 2 x ulysses 2 (index maths): the same local batch as with cu_seqlens."""
     lengths = [1, 7, 2, 1, 5]
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -245,11 +243,54 @@ def test_restarting_positions_are_sharded_like_explicit_documents(layout):
     for sp_rank in range(4):
         mesh = rank_coordinates(2, 2, sp_rank // 2, sp_rank % 2)
         implicit, _ = prepare_batch({"input_ids": ids, "labels": ids.clone(), "position_ids": pos}, mesh,
-                                    layout=layout, agree=False)
+                                    layout=layout, agree=False, document_placement=placement)
         explicit, _ = prepare_batch({"input_ids": ids, "labels": ids.clone(), "cu_seqlens": cu}, mesh,
-                                    layout=layout, agree=False)
+                                    layout=layout, agree=False, document_placement=placement)
         for key in ("input_ids", "labels", "position_ids", "cu_seqlens"):
             assert torch.equal(implicit[key], explicit[key]), (sp_rank, key)
+
+
+def test_packed_documents_are_placed_by_work_by_default():
+    """Over a ring of 2 x ulysses 2 (index maths): short documents whole on one ring rank, the one
+    long document split; each rank's cu_seqlens are its ring rank's pieces (then its filler), the
+    positions within documents, padding ignored by the loss. A ring of one rank spreads (nothing to place)."""
+    lengths = [3, 2, 16, 2, 1, 2, 2]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    ids = torch.arange(1, int(cu[-1]) + 1)[None]
+    doc_of = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    ranks_of = {}
+    for sp_rank in range(4):
+        local, info = prepare_batch({"input_ids": ids, "labels": ids.clone(), "cu_seqlens": cu},
+                                    rank_coordinates(2, 2, sp_rank // 2, sp_rank % 2), agree=False)
+        P, ring_rank = info.placement, sp_rank // 2
+        assert P is not None and info.packed is None and (info.seq_len, info.padded_len) == (28, 2 * P.tokens_per_rank)
+        cu_local = local["cu_seqlens"].tolist()
+        assert cu_local[:len(P.cu_seqlens[ring_rank])] == P.cu_seqlens[ring_rank].tolist()
+        assert cu_local[-1] == P.tokens_per_rank and local["cu_seq_lens_q"] is local["cu_seqlens"]
+        assert local["max_seqlen"] == local["max_length_k"] == max(b - a for a, b in zip(cu_local[:-1], cu_local[1:]))
+        index = info.token_index
+        assert local["input_ids"].shape == (1, P.tokens_per_rank // 2)
+        for tok, lab, pos in zip(index.tolist(), local["labels"][0].tolist(), local["position_ids"][0].tolist()):
+            if tok < 0:
+                assert lab == IGNORE
+                continue
+            doc = int(doc_of[tok])
+            ranks_of.setdefault(doc, set()).add(ring_rank)
+            assert pos == tok - int(cu[doc])
+    assert all(len(ranks_of[d]) == 1 for d in range(len(lengths)) if d != 2) and ranks_of[2] == {0, 1}, ranks_of
+    _, info = prepare_batch({"input_ids": ids, "cu_seqlens": cu}, rank_coordinates(1, 4, 0, 1), agree=False)
+    assert info.placement is None and info.packed is not None
+
+
+def test_document_placement_errors_name_the_fix():
+    batch = {"input_ids": torch.arange(6)[None], "cu_seqlens": torch.tensor([0, 2, 6])}
+    with pytest.raises(SPConfigError, match=r"unknown document_placement 'zigzag'; choose 'work' .* or 'spread'"):
+        prepare_batch(batch, document_placement="zigzag")
+    mesh = rank_coordinates(2, 1, 0).with_config(transport="copy_engine")
+    with pytest.raises(SPConfigError, match=r"transport 'copy_engine' cannot carry .* document_placement='spread'"):
+        prepare_batch(batch, mesh, agree=False)
+    _, info = prepare_batch(batch, mesh, agree=False, document_placement="spread")
+    assert info.packed is not None
 
 
 def test_positions_without_a_restart_stay_dense():

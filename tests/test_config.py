@@ -18,7 +18,8 @@ def test_defaults_and_derived_sizes():
                  head_groups=2, transport="nccl")
     assert (c.sp_size, c.dp_size, c.layout, c.sequence_multiple) == (6, 2, "stripe", 6)
     assert c.describe() == ("dp=2 x ring=3 x ulysses=2, layout 'stripe', backend reference, head_groups 2, "
-                            "transport 'nccl'")
+                            "transport 'nccl', document_placement 'work'")
+    assert SPConfig(document_placement="spread").document_placement == "spread"
     assert SPConfig(layout="basic").layout == "contiguous"
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.ring_degree = 1
@@ -44,6 +45,9 @@ def test_sequence_multiple_is_the_layouts(layout, u, r):
     (dict(head_groups=0), SPConfigError, "head_groups must be a positive int, 'auto' or None, got 0"),
     (dict(head_groups="two"), SPConfigError, "head_groups must be a positive int, 'auto' or None, got 'two'"),
     (dict(transport="ib"), SPConfigError, "unknown transport 'ib'; choose one of auto, nccl, copy_engine"),
+    (dict(document_placement="zigzag"), SPConfigError,
+     r"unknown document_placement 'zigzag'; choose 'work' \(packed documents placed on ring ranks by causal work, "
+     r"short ones whole on one rank\) or 'spread' \(every document split over every ring rank with the layout\)"),
 ])
 def test_validation_names_the_value_and_the_fix(fields, error, message):
     with pytest.raises(error, match=message):

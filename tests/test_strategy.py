@@ -123,6 +123,9 @@ def test_constructor_errors():
         lightning_sp.UlyssesRingStrategy(ulysses_degree=0)
     with pytest.raises(SPConfigError, match="head_groups must be a positive int, 'auto' or None, got 0"):
         lightning_sp.UlyssesRingStrategy(head_groups=0)
+    with pytest.raises(SPConfigError, match="unknown document_placement 'zigzag'; choose 'work'"):
+        lightning_sp.UlyssesRingFSDPStrategy(document_placement="zigzag")
+    assert lightning_sp.UlyssesRingStrategy().document_placement == "work"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -149,18 +152,24 @@ def test_batch_preparation_dense(layout):
     assert bool((full["attention_mask"][:, :11] == 1).all()) and bool((full["attention_mask"][:, 11:] == 0).all())
 
 
-def test_batch_preparation_packed():
+@pytest.mark.parametrize("placement", ["work", "spread"])
+def test_batch_preparation_packed(placement):
     """Packed documents: local cu_seqlens, within-document positions, no label crosses a document end."""
     cu = torch.tensor([0, 3, 8, 9])
     ids = torch.arange(1, 10)
     seen_labels, seen_tokens = {}, 0
     for sp_rank in range(4):
         out, info = prepare_batch({"input_ids": ids[None], "labels": ids[None].clone(), "cu_seqlens": cu},
-                                  _coords(1, 2, 2, sp_rank), layout="zigzag", agree=False)
-        packed = info.packed
-        assert out["shard_info"] is info and info.seq_len == 9 and info.padded_len == len(packed.slot_to_token)
-        assert torch.equal(out["cu_seqlens"], packed.cu_seqlens) and out["max_seqlen"] == packed.max_seqlen
-        for tok, lab, pos in zip(packed.token_index.tolist(), out["labels"][0].tolist(), out["position_ids"][0].tolist()):
+                                  _coords(1, 2, 2, sp_rank), layout="zigzag", agree=False,
+                                  document_placement=placement)
+        assert out["shard_info"] is info and info.seq_len == 9
+        if placement == "spread":
+            packed = info.packed
+            assert info.padded_len == len(packed.slot_to_token)
+            assert torch.equal(out["cu_seqlens"], packed.cu_seqlens) and out["max_seqlen"] == packed.max_seqlen
+        else:
+            assert info.placement is not None and info.padded_len == 2 * info.placement.tokens_per_rank
+        for tok, lab, pos in zip(info.token_index.tolist(), out["labels"][0].tolist(), out["position_ids"][0].tolist()):
             if tok >= 0:
                 seen_labels[tok] = lab
                 doc = int((cu[1:] <= tok).sum())
@@ -218,10 +227,15 @@ def test_matches_single_process_with_data_parallel(world4, ulysses, ring, layout
     check_run(results, ulysses, ring, layout, n=12, batch=2, steps=3)
 
 
-@pytest.mark.parametrize("ulysses,ring,layout", [(2, 2, "zigzag"), (1, 4, "stripe"), (4, 1, "contiguous"),
-                                                 (1, 2, "zigzag")])
-def test_packed_documents(world4, ulysses, ring, layout):
-    results = world4.run(C.fit_job, ulysses, ring, layout, data="packed", n=6, batch=1, max_steps=3, timeout=TIMEOUT)
+@pytest.mark.parametrize("ulysses,ring,layout,placement", [
+    (2, 2, "zigzag", "work"), (1, 4, "stripe", "work"), (1, 2, "zigzag", "work"),  # the default: placed by work
+    (2, 2, "zigzag", "spread"), (1, 4, "stripe", "spread"), (4, 1, "contiguous", "work"),  # (ring 1: nothing to place)
+])
+def test_packed_documents(world4, ulysses, ring, layout, placement):
+    """Packed rows (documents of 1 to 11 tokens, dp 2 for the ring of 2) train like one process,
+    with the documents placed by work or spread over every ring rank."""
+    results = world4.run(C.fit_job, ulysses, ring, layout, data="packed", n=6, batch=1, max_steps=3,
+                         document_placement=placement, timeout=TIMEOUT)
     check_run(results, ulysses, ring, layout, n=6, batch=1, steps=3, data="packed")
 
 

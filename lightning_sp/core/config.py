@@ -34,6 +34,18 @@ def check_degrees(world_size: int, ulysses_degree: int, ring_degree: int) -> int
     return world_size // sp
 
 
+DOCUMENT_PLACEMENTS = ("work", "spread")
+
+
+def check_document_placement(value) -> str:
+    """``value`` where it names a document placement (see :class:`SPConfig`), else an error naming the choices."""
+    if value not in DOCUMENT_PLACEMENTS:
+        raise SPConfigError(f"unknown document_placement {value!r}; choose 'work' (packed documents placed on ring "
+                            f"ranks by causal work, short ones whole on one rank) or 'spread' (every document "
+                            f"split over every ring rank with the layout)")
+    return value
+
+
 def check_heads(q_heads: int, kv_heads: int, ulysses_size: int) -> None:
     """Query heads must split evenly over the Ulysses ranks and be a multiple of the key/value heads."""
     if q_heads % ulysses_size:
@@ -61,6 +73,12 @@ class SPConfig:
         transport: how the ring and the all-to-all move data (``lightning_sp.core.comm.TRANSPORTS``);
             None takes the default, ``comm.set_transport`` or the ``LIGHTNING_SP_TRANSPORT``
             environment variable, read once here.
+        document_placement: where the documents of a packed batch go (batch preparation reads it):
+            ``work`` places them on the ring ranks by causal work, each short document whole on one
+            rank and only long ones split (zigzag) over as few ranks as the balance needs, so only
+            those move over the ring (:mod:`lightning_sp.core.placement`); ``spread`` splits every
+            document over every ring rank with ``layout``. Dense batches and a ring of one rank
+            are unaffected. ``work`` needs causal attention (it pads split documents at their ends).
     """
 
     ulysses_degree: int = 1
@@ -70,6 +88,7 @@ class SPConfig:
     backend: str | None = None
     head_groups: int | str | None = None
     transport: str | None = None
+    document_placement: str = "work"
 
     def __post_init__(self):
         from .layout import canonical_layout  # the layout module imports the mesh, which imports this one
@@ -82,6 +101,7 @@ class SPConfig:
             raise SPConfigError(f"head_groups must be a positive int, 'auto' or None, got {self.head_groups!r}")
         transport = comm.current_transport() if self.transport is None else comm.check_transport(self.transport)
         object.__setattr__(self, "transport", transport)
+        check_document_placement(self.document_placement)
 
     @property
     def sp_size(self) -> int:
@@ -104,7 +124,8 @@ class SPConfig:
         """One line for logs: the grid and the choices."""
         return (f"dp={self.dp_size} x ring={self.ring_degree} x ulysses={self.ulysses_degree}, layout "
                 f"{self.layout!r}, backend {self.backend or 'per layer'}, head_groups "
-                f"{self.head_groups or 'per layer'}, transport {self.transport!r}")
+                f"{self.head_groups or 'per layer'}, transport {self.transport!r}, "
+                f"document_placement {self.document_placement!r}")
 
     @classmethod
     def resolve(cls, world_size: int, ulysses_degree: int | str = "auto", ring_degree: int | str = "auto", *,

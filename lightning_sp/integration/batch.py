@@ -19,6 +19,14 @@
    also under the names Hugging Face models pass on to their attention (``cu_seq_lens_q``,
    ``cu_seq_lens_k``, ``max_length_q``, ``max_length_k``).
 
+Where a packed batch's documents go is the mesh config's ``document_placement``: by default
+(``"work"``, over a ring of several ranks) :func:`~lightning_sp.core.placement.place_documents`
+places them on the ring ranks by causal work, short documents whole on one rank, and the attention
+layers attend over that placement (the strategy puts it in their sequence context); ``"spread"``
+splits every document over every ring rank with the layout
+(:func:`~lightning_sp.core.layout.shard_documents`). Either way every rank computes the same
+placement from the batch alone, and :func:`gather_sequence` undoes it.
+
 A batch with ``labels`` also gets what Hugging Face's causal-LM loss reads, so that
 ``model(**batch).loss`` of a Hugging Face model is exact on every rank:
 
@@ -42,9 +50,13 @@ from typing import Any
 
 import torch
 
+import torch.distributed as dist
+
 from ..core import layout as L
+from ..core.config import check_document_placement
 from ..core.errors import SPConfigError
 from ..core.mesh import SPMesh, single_process_mesh
+from ..core.placement import DocumentPlacement, place_documents
 from .agreement import agree_on_batch
 
 DEFAULT_SHARD_KEYS = ("input_ids", "labels", "position_ids", "attention_mask")
@@ -59,24 +71,38 @@ class ShardInfo:
     found in a batch, and this one holds process groups.
     """
 
-    __slots__ = ("seq_len", "padded_len", "layout", "mesh", "packed")
+    __slots__ = ("seq_len", "padded_len", "layout", "mesh", "packed", "placement")
 
-    def __init__(self, seq_len: int, padded_len: int, layout: str, mesh: SPMesh, packed: L.PackedShard | None = None):
+    def __init__(self, seq_len: int, padded_len: int, layout: str, mesh: SPMesh, packed: L.PackedShard | None = None,
+                 placement: DocumentPlacement | None = None):
         self.seq_len = seq_len  # tokens of the original (unpadded) sequence or packed row
         self.padded_len = padded_len  # tokens of the padded sequence, over all ranks of the group
         self.layout = layout
         self.mesh = mesh
-        self.packed = packed  # the placement of packed documents, or None for dense sequences
+        self.packed = packed  # packed documents spread with the layout, or None
+        self.placement = placement  # packed documents placed by work, or None
+
+    @property
+    def token_index(self) -> torch.Tensor:
+        """This rank's tokens as indices into the original sequence (packed row), -1 for padding."""
+        mesh = self.mesh
+        if self.placement is not None:
+            return self.placement.local_indices(mesh.ring_rank, mesh.ulysses_rank)
+        if self.packed is not None:
+            return self.packed.token_index
+        index = L.local_indices(self.padded_len, mesh, self.layout)
+        return torch.where(index < self.seq_len, index, -1)
 
     def __repr__(self) -> str:
-        kind = "packed" if self.packed is not None else "dense"
+        kind = "placed" if self.placement is not None else "packed" if self.packed is not None else "dense"
         return (f"ShardInfo({kind}, seq_len={self.seq_len}, padded_len={self.padded_len}, layout={self.layout!r}, "
                 f"sp_rank={self.mesh.sp_rank} of {self.mesh.sp_size})")
 
 
 def prepare_batch(batch: Mapping, mesh: SPMesh | None = None, *, layout: str | None = None, shift_labels: bool = True,
                   ignore_index: int = -100, shard_keys=DEFAULT_SHARD_KEYS, pad_to_multiple: bool = True,
-                  check_identical: bool = False, agree: bool = True) -> tuple[dict, ShardInfo]:
+                  check_identical: bool = False, agree: bool = True,
+                  document_placement: str | None = None) -> tuple[dict, ShardInfo]:
     """This rank's part of a batch of full sequences, and how it was cut (see the module doc).
 
     Args:
@@ -91,15 +117,18 @@ def prepare_batch(batch: Mapping, mesh: SPMesh | None = None, *, layout: str | N
             token values (not only the same keys and shapes); costs one reduction over the batch.
         agree: check with the other ranks of the mesh (a collective; False for index maths without
             process groups, where ``num_items_in_batch`` counts this batch's tokens only).
+        document_placement: where a packed batch's documents go, ``work`` or ``spread`` (see the
+            module doc); default the mesh config's.
 
     Returns:
         ``(local_batch, shard_info)``; ``local_batch["shard_info"]`` is ``shard_info``.
     """
     layout = L.canonical_layout(layout or ("contiguous" if mesh is None else mesh.config.layout))
     mesh = mesh or single_process_mesh()
+    placement = check_document_placement(document_placement or mesh.config.document_placement)
     plan, problem, targets = None, None, None
     try:
-        plan = _Plan(batch, mesh, layout, tuple(shard_keys), pad_to_multiple)
+        plan = _Plan(batch, mesh, layout, tuple(shard_keys), pad_to_multiple, placement)
         targets = plan.targets(batch, shift_labels, ignore_index)
     except SPConfigError as err:
         problem = str(err)
@@ -135,17 +164,36 @@ def gather_sequence(x_local: torch.Tensor, shard_info: ShardInfo, dim: int = 1) 
     if not isinstance(shard_info, ShardInfo):
         raise SPConfigError(f"gather_sequence needs the ShardInfo of a prepared batch (batch['{SHARD_INFO}']), "
                             f"got {type(shard_info).__name__}")
+    if shard_info.placement is not None:
+        return _unshard_placed(x_local, shard_info.placement, shard_info.mesh, dim)
     if shard_info.packed is not None:
         return shard_info.packed.unshard(x_local, shard_info.mesh, dim=dim)
     full = L.unshard(x_local, shard_info.mesh, shard_info.layout, dim=dim)
     return full.narrow(dim, 0, shard_info.seq_len)
 
 
+def _unshard_placed(x_local: torch.Tensor, placement: DocumentPlacement, mesh: SPMesh, dim: int) -> torch.Tensor:
+    """Every rank's tokens gathered over the sequence-parallel group, each put back where the
+    placement took it from, padding dropped."""
+    dim = dim % x_local.dim()
+    parts = [x_local]
+    if mesh.sp_size > 1:
+        parts = [torch.empty_like(x_local) for _ in range(mesh.sp_size)]
+        dist.all_gather(parts, x_local.contiguous(), group=mesh.sp_group)
+    index = torch.cat([placement.local_indices(*divmod(r, mesh.ulysses_size)) for r in range(mesh.sp_size)])
+    full, index = torch.cat(parts, dim=dim), index.to(x_local.device)
+    keep = torch.nonzero(index >= 0).flatten()
+    shape = list(full.shape)
+    shape[dim] = placement.total_tokens
+    return full.new_zeros(shape).index_copy(dim, index[keep], full.index_select(dim, keep))
+
+
 class _Plan:
     """A validated batch: which keys to split along which dim, and how long the sequence is.
     Constructing it raises :class:`SPConfigError` for a batch that cannot be prepared."""
 
-    def __init__(self, batch, mesh: SPMesh, layout: str, shard_keys: tuple, pad_to_multiple: bool):
+    def __init__(self, batch, mesh: SPMesh, layout: str, shard_keys: tuple, pad_to_multiple: bool,
+                 document_placement: str):
         if not isinstance(batch, Mapping):
             raise SPConfigError(f"batch preparation needs batches that are dicts (e.g. with 'input_ids', 'labels'), "
                                 f"got {type(batch).__name__}; return a dict from the dataset or collate_fn")
@@ -170,6 +218,14 @@ class _Plan:
             cu = documents_from_positions(batch["position_ids"])
         self.cu = None if cu is None else _check_packed(cu, batch, self.keys, lengths)
         self.positions_given = "position_ids" in self.keys and batch.get("cu_seqlens") is not None
+        self.placement = None
+        if self.cu is not None and document_placement == "work" and mesh.ring_size > 1:
+            if mesh.config.transport == "copy_engine":
+                raise SPConfigError("transport 'copy_engine' cannot carry the ring traffic of packed documents "
+                                    "placed by work (each long document moves along its own sub-ring of ranks); "
+                                    "pass document_placement='spread' to lay out every document over every ring "
+                                    "rank, or use transport 'auto' or 'nccl'")
+            self.placement = place_documents(self.cu, mesh.ring_size, mesh.ulysses_size)
         if self.cu is None and len(set(lengths.values())) > 1:
             raise SPConfigError(f"shard keys have different sequence lengths {lengths}; every shard key needs "
                                 f"the same length along dim 1 (dim 0 for 1-D tensors)")
@@ -206,7 +262,9 @@ class _Plan:
         fills = {k: 0 for k in self.keys}  # what padding holds; "count" continues the positions
         if targets is not None:
             full["labels"], fills["labels"] = targets, ignore_index
-        if self.cu is not None:
+        if self.placement is not None:
+            out, info = self._apply_placed(out, full, fills)
+        elif self.cu is not None:
             out, info = self._apply_packed(out, full, fills)
         else:
             out, info = self._apply_dense(out, full, fills)
@@ -231,18 +289,34 @@ class _Plan:
 
     def _apply_packed(self, out: dict, full: dict, fills: dict) -> tuple[dict, ShardInfo]:
         packed = L.shard_documents(self.cu, self.mesh, self.layout)
+        info = ShardInfo(packed.total_tokens, len(packed.slot_to_token), self.layout, self.mesh, packed)
+        return self._documents(out, full, fills, info, lambda x, dim, pad: packed.shard(x, dim=dim, pad_value=pad),
+                               packed.position_ids, packed.cu_seqlens)
+
+    def _apply_placed(self, out: dict, full: dict, fills: dict) -> tuple[dict, ShardInfo]:
+        P, r, u = self.placement, self.mesh.ring_rank, self.mesh.ulysses_rank
+        info = ShardInfo(P.total_tokens, P.ring_size * P.tokens_per_rank, self.layout, self.mesh, placement=P)
+        cu = P.cu_seqlens[r]
+        if int(cu[-1]) < P.tokens_per_rank:  # the filler after the pieces as one last segment, so that
+            # cu_seqlens ends at the ring rank's tokens as shard_documents' padding document makes it
+            cu = torch.cat([cu, cu.new_tensor([P.tokens_per_rank])])
+        return self._documents(out, full, fills, info, lambda x, dim, pad: P.shard(x, r, u, dim=dim, pad_value=pad),
+                               P.position_ids[r].chunk(P.ulysses_size)[u], cu)
+
+    def _documents(self, out, full, fills, info, shard, positions, cu) -> tuple[dict, ShardInfo]:
+        """The packed batch's local tensors (``shard(x, dim, pad_value)``), within-document
+        ``positions`` and local ``cu_seqlens`` of this rank (those of its ring rank's tokens)."""
         device = full[self.keys[0]].device
         if not self.positions_given:  # within-document positions (those that restart at 0 are these)
             full.pop("position_ids", None)
             shape = (-1,) if self.dims.get("position_ids", 1) == 0 else (1, -1)
-            out["position_ids"] = packed.position_ids.to(device).view(shape)
+            out["position_ids"] = positions.to(device).view(shape)
         for k, x in full.items():
-            out[k] = packed.shard(x, dim=self.dims[k], pad_value=fills[k])
-        cu = out["cu_seqlens"] = packed.cu_seqlens.to(device)
-        out["max_seqlen"] = packed.max_seqlen
+            out[k] = shard(x, self.dims[k], fills[k])
+        max_seqlen = out["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
+        cu = out["cu_seqlens"] = cu.to(device)
         # the same, under the names Hugging Face models pass on to attention, so model(**batch) works
-        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=packed.max_seqlen, max_length_k=packed.max_seqlen)
-        info = ShardInfo(packed.total_tokens, len(packed.slot_to_token), self.layout, self.mesh, packed)
+        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
         out[SHARD_INFO] = info
         return out, info
 

@@ -15,6 +15,9 @@ What it adds to data parallelism, in the order a batch meets it:
   batch is valid; the attention layers learn the batch's packed documents from the strategy's
   :class:`~lightning_sp.core.attention.hybrid.SequenceContext`, so a model called with only
   ``input_ids`` and ``position_ids`` (Hugging Face's packed convention) attends within documents;
+  packed documents are placed on the ring ranks by causal work (``document_placement="work"``, the
+  default: short documents whole on one rank, the layers attend over that placement) or split over
+  every ring rank with the layout (``"spread"``);
 * gradients are averaged over all world ranks, as DDP does; :mod:`lightning_sp.core.loss` makes the
   loss exact. The strategy never rescales a loss.
 """
@@ -70,6 +73,11 @@ class UlyssesRingStrategy(DDPStrategy):
             ``auto`` (today torch.distributed, see the module's doc), ``nccl``, or ``copy_engine``
             (the GPUs' copy engines within a node); None takes ``lightning_sp.comm``'s default (``auto``,
             or the ``LIGHTNING_SP_TRANSPORT`` environment variable), read when the strategy is made.
+        document_placement: where a packed batch's documents go over a ring of several ranks:
+            ``"work"`` (default) places them by causal work, each short document whole on one ring rank
+            and only long ones split over as few ranks as the balance needs, so the ring carries only
+            those (attention over the batch must be causal); ``"spread"`` splits every document over
+            every ring rank with ``ring_impl``. See :mod:`lightning_sp.core.placement`.
         head_groups: how many head groups the layers' Ulysses all-to-all is split into, so that one group's
             communication overlaps another's attention (``"auto"`` or an int; None keeps theirs, see
             ``lightning_sp.attention.ulysses.choose_head_groups``).
@@ -100,13 +108,14 @@ class UlyssesRingStrategy(DDPStrategy):
                  backend: str | None = None, shift_labels: bool = True, ignore_index: int = -100,
                  shard_keys=None, attention_heads: int | None = None, check_identical_samples: bool = False,
                  pad_to_multiple: bool = True, transport: str | None = None, head_groups: int | str | None = None,
-                 require_sp_attention: bool = True, **kwargs: Any) -> None:
+                 require_sp_attention: bool = True, document_placement: str = "work", **kwargs: Any) -> None:
         for name, value in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
             if not _is_degree(value):
                 raise SPConfigError(f"{name} must be a positive int or 'auto', got {value!r}")
         # the choices other than the degrees, validated now (before any process starts); the world
         # size and so the degrees are known in setup_environment, where sp_config is resolved
-        self._choices = SPConfig(layout=ring_impl, backend=backend, head_groups=head_groups, transport=transport)
+        self._choices = SPConfig(layout=ring_impl, backend=backend, head_groups=head_groups, transport=transport,
+                                 document_placement=document_placement)
         super().__init__(**kwargs)
         self.ulysses_degree, self.ring_degree = ulysses_degree, ring_degree
         self.shift_labels, self.ignore_index = shift_labels, ignore_index
@@ -137,6 +146,11 @@ class UlyssesRingStrategy(DDPStrategy):
         return self._choices.head_groups
 
     @property
+    def document_placement(self) -> str:
+        """Where packed documents go: ``work`` or ``spread``."""
+        return self._choices.document_placement
+
+    @property
     def sp_mesh(self) -> SPMesh:
         """This rank's dp x ring x ulysses mesh (from setup_environment on)."""
         if self._sp_mesh is None:
@@ -159,7 +173,8 @@ class UlyssesRingStrategy(DDPStrategy):
         choices = self._choices
         config = SPConfig.resolve(world_size, self.ulysses_degree, self.ring_degree, node_devices=node_devices,
                                   attention_heads=attention_heads, layout=choices.layout, backend=choices.backend,
-                                  head_groups=choices.head_groups, transport=choices.transport)
+                                  head_groups=choices.head_groups, transport=choices.transport,
+                                  document_placement=choices.document_placement)
         if "auto" in (self.ulysses_degree, self.ring_degree):
             rank_zero_info(f"{type(self).__name__}: auto degrees for {world_size} ranks ({node_devices} per node, "
                            f"{attention_heads or 'unknown'} attention heads): ulysses {config.ulysses_degree}, "
@@ -219,10 +234,11 @@ class UlyssesRingStrategy(DDPStrategy):
     def shard_batch(self, batch: Mapping) -> dict:
         """This rank's part of a batch of full sequences (collective: the ranks agree it is valid);
         ``batch["shard_info"]`` of the result is what :meth:`gather_sequence` needs."""
-        local, _ = prepare_batch(batch, self.sp_mesh, shift_labels=self.shift_labels, ignore_index=self.ignore_index,
-                                 shard_keys=self.shard_keys, pad_to_multiple=self.pad_to_multiple,
-                                 check_identical=self.check_identical_samples)
-        self.sequence_context.set(local.get("position_ids"), local.get("cu_seqlens"), local.get("max_seqlen"))
+        local, info = prepare_batch(batch, self.sp_mesh, shift_labels=self.shift_labels,
+                                    ignore_index=self.ignore_index, shard_keys=self.shard_keys,
+                                    pad_to_multiple=self.pad_to_multiple, check_identical=self.check_identical_samples)
+        self.sequence_context.set(local.get("position_ids"), local.get("cu_seqlens"), local.get("max_seqlen"),
+                                  info.placement)
         return local
 
     def gather_sequence(self, x_local: torch.Tensor, shard_info: ShardInfo, dim: int = 1) -> torch.Tensor:

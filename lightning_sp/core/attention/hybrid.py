@@ -185,18 +185,23 @@ class SequenceContext:
     for every batch it prepares (a dense batch clears it). A layer called with ``position_ids`` checks
     that they are the prepared batch's (the same tensor, or equal values agreed on by every rank of
     the sequence-parallel group) and otherwise raises on every rank, naming the fix: the packing
-    belongs to that batch only.
+    belongs to that batch only. Where the batch's documents were placed by work (``placement``, see
+    :mod:`lightning_sp.core.placement`), every layer attends over the placement, and one called with
+    ``cu_seqlens`` must pass the prepared batch's (checked the same way).
     """
 
     def __init__(self):
         self.set(None)
 
-    def set(self, position_ids, cu_seqlens=None, max_seqlen=None) -> None:
-        """This rank's prepared ``position_ids`` and local ``cu_seqlens`` / ``max_seqlen`` (None: dense)."""
+    def set(self, position_ids, cu_seqlens=None, max_seqlen=None, placement=None) -> None:
+        """This rank's prepared ``position_ids``, local ``cu_seqlens`` / ``max_seqlen`` (None: dense)
+        and the batch's document placement (None: documents spread with the layout)."""
         self.cu_seqlens = cu_seqlens
         self.max_seqlen = max_seqlen
+        self.placement = placement if cu_seqlens is not None else None
         self.position_ids = position_ids if cu_seqlens is not None else None
         self._checked = self.position_ids  # the positions tensor known to be the prepared batch's
+        self._checked_cu = cu_seqlens  # the cu_seqlens tensor known to be the prepared batch's
 
     def packing(self, position_ids, mesh: SPMesh) -> tuple:
         """``(cu_seqlens, max_seqlen)`` for a layer called without ``cu_seqlens`` (``(None, None)``
@@ -208,11 +213,7 @@ class SequenceContext:
             prepared = self.position_ids
             same = (position_ids.numel() == prepared.numel()
                     and torch.equal(position_ids.reshape(-1), prepared.reshape(-1).to(position_ids.device)))
-            if mesh.sp_size > 1 and dist.is_available() and dist.is_initialized():
-                verdict = torch.tensor([int(same)], device=position_ids.device)
-                dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=mesh.sp_group)
-                same = bool(verdict.item())
-            if not same:
+            if not _agreed(same, position_ids.device, mesh):
                 raise SPConfigError(
                     f"attention was called with position_ids {tuple(position_ids.shape)} that are not those of the "
                     f"batch the strategy prepared ({tuple(prepared.shape)}, packed documents); pass "
@@ -220,6 +221,36 @@ class SequenceContext:
                     f"cu_seq_lens_q): the layers take its document boundaries, which hold for its tokens only")
             self._checked = position_ids
         return self.cu_seqlens, self.max_seqlen
+
+    def placed(self, cu_seqlens, position_ids, mesh: SPMesh):
+        """The batch's document placement for a call with ``cu_seqlens`` (None: positions only), or
+        None where the documents are not placed by work. Collective over ``mesh.sp_group`` where
+        ``cu_seqlens`` or ``position_ids`` are not the prepared tensors themselves."""
+        if self.placement is None:
+            return None
+        if cu_seqlens is None:
+            self.packing(position_ids, mesh)
+        elif not _same_tensor(cu_seqlens, self._checked_cu):
+            given = torch.as_tensor(cu_seqlens).reshape(-1).to("cpu", torch.int64)
+            prepared = self.cu_seqlens.reshape(-1).to("cpu", torch.int64)
+            same = given.shape == prepared.shape and torch.equal(given, prepared)
+            if not _agreed(same, self.cu_seqlens.device, mesh):
+                raise SPConfigError(
+                    f"attention was called with cu_seqlens {given.tolist()[:8]} that are not those of the batch the "
+                    f"strategy prepared ({prepared.tolist()[:8]}), whose documents are placed on the ring ranks by "
+                    f"work (document_placement='work'); pass cu_seqlens=batch['cu_seqlens'] of that batch (or "
+                    f"none), or give the strategy document_placement='spread' to attend over other packings")
+            self._checked_cu = cu_seqlens
+        return self.placement
+
+
+def _agreed(same: bool, device, mesh: SPMesh) -> bool:
+    """``same`` on every rank of the sequence-parallel group (collective where it has several)."""
+    if mesh.sp_size > 1 and dist.is_available() and dist.is_initialized():
+        verdict = torch.tensor([int(same)], device=device)
+        dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=mesh.sp_group)
+        return bool(verdict.item())
+    return same
 
 
 def _same_tensor(a, b) -> bool:
@@ -279,23 +310,37 @@ class LongContextAttention(nn.Module):
         """Attention on this rank's tokens. Without ``cu_seqlens``, a layer bound to a
         :class:`SequenceContext` that holds packed documents attends within them (one row
         ``(1, local_seq, heads, head_dim)`` in and out); ``position_ids``, where given, must be the
+        prepared batch's. Where the context holds the batch's document placement (documents placed
+        by work), the layer attends over it, causally, and ``cu_seqlens``, where given, must be the
         prepared batch's."""
         return self._attend((q, k, v), causal, softmax_scale, window_size, cu_seqlens, max_seqlen, position_ids)
 
     def _attend(self, inputs, causal, softmax_scale, window_size, cu_seqlens, max_seqlen, position_ids=None):
-        mesh, row = self.resolved_mesh(), False
-        if cu_seqlens is None and self.sequence_context is not None:
-            cu_seqlens, max_seqlen = self.sequence_context.packing(position_ids, mesh)
-            row = cu_seqlens is not None and inputs[0].dim() == (4 if len(inputs) > 1 else 5)
+        mesh, row, placement, context = self.resolved_mesh(), False, None, self.sequence_context
+        if context is not None:
+            placement = context.placed(cu_seqlens, position_ids, mesh)
+            if cu_seqlens is None:
+                if placement is None:
+                    cu_seqlens, max_seqlen = context.packing(position_ids, mesh)
+                packed = cu_seqlens is not None or placement is not None
+                row = packed and inputs[0].dim() == (4 if len(inputs) > 1 else 5)
             if row:  # the packed documents as one batched row
                 if inputs[0].shape[0] != 1:
                     raise SPConfigError(f"the batch holds packed documents (one row) but attention got a batch of "
                                         f"{inputs[0].shape[0]} rows; call the model on the prepared batch")
                 inputs = [x[0] for x in inputs]
+        if placement is not None:
+            if not causal:
+                raise SPConfigError(
+                    "attention that is not causal over a batch whose documents are placed by work "
+                    "(document_placement='work', the default): the placement pads split documents at their ends, "
+                    "which only causal attention hides; give the strategy document_placement='spread' (documents "
+                    "whose lengths need no padding), or call with causal=True")
+            cu_seqlens = max_seqlen = None  # the placement has its own
         out = packed_long_context_attention(
             inputs, mesh, self.ring_impl, causal=causal, softmax_scale=softmax_scale,
             window_size=window_size, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=self.backend,
-            head_groups=self.head_groups)
+            head_groups=self.head_groups, placement=placement)
         return out[None] if row else out
 
     def extra_repr(self) -> str:

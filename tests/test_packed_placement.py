@@ -1,0 +1,75 @@
+"""Packed batches whose documents are placed on the ring ranks by causal work (the default
+``document_placement="work"``): ``gather_sequence`` undoes the placement exactly on 2 and 4 gloo
+ranks (ring x ulysses splits), and an attention layer bound to a sequence context that holds a
+placement attends over it only causally and only for the prepared batch's ``cu_seqlens``. Training
+over a placement against one process: tests/test_strategy.py (TinyLM) and tests/test_hf_packing.py
+(Hugging Face models, both packed conventions)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import lightning_sp
+from lightning_sp import SPConfigError
+from lightning_sp.core.attention.hybrid import SequenceContext
+from lightning_sp.core.mesh import rank_coordinates
+from lightning_sp.integration.batch import DEFAULT_SHARD_KEYS, gather_sequence, prepare_batch
+
+TIMEOUT = 120
+LENGTHS = [3, 2, 16, 2, 1, 2, 2, 9]  # short documents whole on a ring rank, the long one split
+
+
+def _batch():
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 50, (1, int(cu[-1])), generator=g)
+    return {"input_ids": ids, "labels": ids.clone(), "cu_seqlens": cu,
+            "features": torch.randn(1, int(cu[-1]), 3, dtype=torch.float64, generator=g)}
+
+
+def gather_job(ulysses: int, ring: int):
+    """On every rank: prepare the batch over the mesh, gather every shard key back; whether each
+    equals the one-process preparation (and the placement was used)."""
+    config = lightning_sp.SPConfig(ulysses_degree=ulysses, ring_degree=ring, world_size=dist.get_world_size())
+    mesh = lightning_sp.build_mesh(config, device_type="cpu")
+    batch = _batch()
+    whole, _ = prepare_batch(batch, shard_keys=(*DEFAULT_SHARD_KEYS, "features"))
+    local, info = prepare_batch(batch, mesh, shard_keys=(*DEFAULT_SHARD_KEYS, "features"))
+    same = {k: torch.equal(gather_sequence(local[k], info), whole[k])
+            for k in ("input_ids", "labels", "position_ids", "features")}
+    return info.placement is not None, same
+
+
+@pytest.mark.parametrize("world,ulysses,ring", [(2, 1, 2), (4, 2, 2), (4, 1, 4)])
+def test_gather_sequence_undoes_the_placement(worlds, world, ulysses, ring):
+    for placed, same in worlds(world).run(gather_job, ulysses, ring, timeout=TIMEOUT):
+        assert placed and all(same.values()), same
+
+
+def _context(ring: int = 2):
+    """A sequence context holding ring rank 0's part of a placed batch (index maths, no world)."""
+    local, info = prepare_batch(_batch(), rank_coordinates(ring, 1, 0), agree=False)
+    context = SequenceContext()
+    context.set(local["position_ids"], local["cu_seqlens"], local["max_seqlen"], info.placement)
+    return context, local
+
+
+def test_a_layer_over_a_placement_is_causal_and_takes_the_prepared_packing_only():
+    context, local = _context()
+    layer = lightning_sp.LongContextAttention()
+    layer.sequence_context = context
+    q = torch.zeros(local["input_ids"].shape[1], 2, 4, dtype=torch.float64)
+    with pytest.raises(SPConfigError, match=r"attention that is not causal over a batch whose documents are placed "
+                                            r"by work .*document_placement='spread'"):
+        layer(q, q, q, causal=False, cu_seqlens=local["cu_seqlens"])
+    other = torch.tensor([0, q.shape[0]], dtype=torch.int32)
+    with pytest.raises(SPConfigError, match=r"attention was called with cu_seqlens \[0, \d+\] that are not those of "
+                                            r"the batch the strategy prepared .*pass cu_seqlens=batch\['cu_seqlens'\]"
+                                            r".*document_placement='spread'"):
+        layer(q, q, q, causal=True, cu_seqlens=other)
+    mesh = rank_coordinates(2, 1, 0)
+    assert context.placed(local["cu_seqlens"].clone(), None, mesh) is context.placement  # equal values
+    assert context.placed(None, local["position_ids"], mesh) is context.placement  # Hugging Face's convention
+    context.set(None)
+    assert context.placement is None and context.placed(None, None, mesh) is None
