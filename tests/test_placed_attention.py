@@ -16,25 +16,33 @@ def cu(lengths) -> torch.Tensor:
 
 
 def placed_case(ulysses, ring, lengths, window=None, heads=4, kv_heads=2, head_dim=8, seed=0, spread=False,
-                max_imbalance=1.03):
-    """(errors, filler norms, forward bytes per step, backward bytes per step, predicted bytes per step)."""
+                max_imbalance=1.03, calls=None):
+    """One placement made for ``window``, attended with each left window of ``calls`` (default: [window]).
+    Per call: (errors, filler norms, bytes sent per phase and step, predicted bytes per step)."""
     import lightning_sp
     from lightning_sp.core import placement as P
+
+    mesh = lightning_sp.init_sp_mesh(ulysses_degree=ulysses, ring_degree=ring)
+    if spread:
+        placement = P.spread_documents(cu(lengths), ring, ulysses, window=window)
+    else:
+        placement = P.place_documents(cu(lengths), ring, ulysses, window=window, max_imbalance=max_imbalance)
+    inputs = [t[0] for t in _inputs(1, sum(lengths), heads, kv_heads, head_dim, seed)]
+    return [_attend(mesh, placement, lengths, inputs, left) for left in ([window] if calls is None else calls)]
+
+
+def _attend(mesh, placement, lengths, inputs, window):
+    import lightning_sp
     from lightning_sp.core.attention.placed import count_sent_bytes
     from lightning_sp.core.attention.ulysses import replicated_kv_heads
 
-    mesh = lightning_sp.init_sp_mesh(ulysses_degree=ulysses, ring_degree=ring)
-    T = sum(lengths)
-    q, k, v, dout = (t[0] for t in _inputs(1, T, heads, kv_heads, head_dim, seed))
+    q, k, v, dout = inputs
+    T, head_dim, kv_heads, ulysses = q.shape[0], q.shape[-1], k.shape[-2], mesh.ulysses_size
     doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     positions = torch.arange(T) - cu(lengths)[doc_ids]
     w = (-1, -1) if window is None else (window, 0)
     ref = [r[0] for r in _grads_reference(q[None], k[None], v[None], dout[None], causal=True, scale=head_dim ** -0.5,
                                           window=w, doc_ids=doc_ids, positions=positions)]
-    if spread:
-        placement = P.spread_documents(cu(lengths), ring, ulysses, window=window)
-    else:
-        placement = P.place_documents(cu(lengths), ring, ulysses, window=window, max_imbalance=max_imbalance)
     r, u = mesh.ring_rank, mesh.ulysses_rank
     idx = placement.local_indices(r, u)
     real = idx >= 0
@@ -51,18 +59,18 @@ def placed_case(ulysses, ring, lengths, window=None, heads=4, kv_heads=2, head_d
     filler_rows = slots >= int(placement.cu_seqlens[r][-1])
     filler = [float(x.detach()[mask].abs().max()) if mask.any() else 0.0
               for x, mask in zip((out, *(x.grad for x in local)), (filler_rows, ~real, ~real, ~real))]
-    sent = {phase: [sum(b for p, s, _, b in record if p == phase and s == step) for step in range(ring)]
+    sent = {phase: [sum(b for p, s, _, b in record if p == phase and s == step) for step in range(mesh.ring_size)]
             for phase in ("forward", "backward")}
     kv_heads_here = replicated_kv_heads(kv_heads, ulysses) // ulysses
     predicted = placement.step_bytes(2 * kv_heads_here * head_dim * 8)[r]
-    return errs, filler, sent["forward"], sent["backward"], list(predicted)
+    return errs, filler, sent, list(predicted)
 
 
 def _check(results, tol=1e-10):
-    for errs, filler, fwd, bwd, predicted in results:
+    for errs, filler, sent, predicted in (call for rank in results for call in rank):
         assert max(errs.values()) < tol, errs
         assert max(filler) == 0.0, filler  # filler rows: out 0, zero gradients
-        assert fwd == predicted and bwd == predicted, (fwd, bwd, predicted)
+        assert sent["forward"] == predicted and sent["backward"] == predicted, (sent, predicted)
 
 
 def _lengths(kind: str, seed: int) -> list[int]:
@@ -91,18 +99,26 @@ def test_placed_matches_reference(worlds, ulysses, ring, kind, window):
 
 
 @pytest.mark.parametrize("ring", [2, 4])
+def test_one_placement_serves_every_window(worlds, ring):
+    """A placement balanced for full causal work, attended by a sliding-window layer and a global one
+    (a model mixing both): each call exact against its own reference."""
+    results = worlds(ring).run(placed_case, 1, ring, [61, 3, 1, 30, 9], calls=[3, None, 1], timeout=180)
+    _check(results)
+
+
+@pytest.mark.parametrize("ring", [2, 4])
 def test_spread_placement_matches_reference(worlds, ring):
     """Today's per-document zigzag as a placement: every document spans every rank."""
     results = worlds(ring).run(placed_case, 1, ring, [13, 1, 30, 4], spread=True, timeout=180)
     _check(results)
-    assert all(sum(fwd) > 0 for _, _, fwd, _, _ in results)
+    assert all(sum(sent["forward"]) > 0 for (_, _, sent, _), in results)
 
 
 def test_no_spanning_document_sends_nothing(worlds):
     """Eight 16-token documents on 4 ranks: balanced whole, no byte leaves any rank."""
     results = worlds(4).run(placed_case, 1, 4, [16] * 8, timeout=180)
     _check(results)
-    assert all(sum(fwd) == sum(bwd) == 0 for _, _, fwd, bwd, _ in results)
+    assert all(not any(map(any, sent.values())) for (_, _, sent, _), in results)
 
 
 def test_hand_computed_bytes(worlds):
@@ -110,7 +126,7 @@ def test_hand_computed_bytes(worlds):
     K and V of 2 heads x 8 dims in float64 = 4 * 2 * 2 * 8 * 8 = 1024 bytes (dK/dV the same back)."""
     results = worlds(2).run(placed_case, 1, 2, [8], spread=True, timeout=180)
     _check(results)
-    assert [(fwd, bwd) for _, _, fwd, bwd, _ in results] == [([0, 1024], [0, 1024])] * 2
+    assert [sent for (_, _, sent, _), in results] == [{"forward": [0, 1024], "backward": [0, 1024]}] * 2
 
 
 @pytest.mark.parametrize("name", ["one", "16x8K", "128x1K", "mixed"])
@@ -138,8 +154,8 @@ def test_misuse_raises():
     one = P.place_documents(cu([4, 2]), 1)
     with pytest.raises(SPConfigError, match="causal=True"):
         lightning_sp.packed_long_context_attention((q, q, q), mesh, "zigzag", causal=False, placement=one)
-    with pytest.raises(SPConfigError, match="window"):
-        lightning_sp.packed_long_context_attention((q, q, q), mesh, "zigzag", causal=True, window_size=(3, 0),
+    with pytest.raises(SPConfigError, match="window_size=\\(left, 0\\)"):
+        lightning_sp.packed_long_context_attention((q, q, q), mesh, "zigzag", causal=True, window_size=(3, 2),
                                                    placement=one)
     with pytest.raises(SPConfigError, match="not both"):
         lightning_sp.packed_long_context_attention((q, q, q), mesh, "zigzag", causal=True, placement=one,

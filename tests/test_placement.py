@@ -92,14 +92,16 @@ def brute_force_pairs(p: P.DocumentPlacement) -> list[int]:
     return out
 
 
-def check_blocks(p: P.DocumentPlacement) -> None:
-    """The blocks of every ring step cover exactly the attention mask, each (query, key) pair once."""
+def check_blocks(p: P.DocumentPlacement, window=...) -> None:
+    """The blocks of every ring step for a left ``window`` (default: the placement's) cover exactly the
+    attention mask, each (query, key) pair once."""
     R, T = p.ring_size, p.tokens_per_rank
     docs, pos = torch.cat(slot_docs(p)), torch.cat(p.position_ids)
-    window = p.window if p.window is not None else 1 << 40
+    left = p.window if window is ... else window
+    left = left if left is not None else 1 << 40
     for r in range(R):
         got = torch.zeros(T, R * T, dtype=torch.int64)
-        for step, blocks in enumerate(p.step_blocks(r)):
+        for step, blocks in enumerate(p.step_blocks(r, window=window)):
             for b in blocks:
                 d = p.documents[b.document]
                 assert b.source == d.ranks[(d.ranks.index(r) - step) % len(d.ranks)]  # the sub-ring's rotation
@@ -108,7 +110,7 @@ def check_blocks(p: P.DocumentPlacement) -> None:
                     1 if mask is None else mask.long())
         dq, pq = slot_docs(p)[r], p.position_ids[r]
         gap = pq[:, None] - pos[None]
-        want = (dq[:, None] == docs[None]) & (dq[:, None] >= 0) & (gap >= 0) & (gap <= window)
+        want = (dq[:, None] == docs[None]) & (dq[:, None] >= 0) & (gap >= 0) & (gap <= left)
         assert torch.equal(got, want.long())
 
 
@@ -177,6 +179,8 @@ def test_predicted_pairs_and_blocks_match_brute_force(lengths, ring, ulysses, wi
     check_layout(p, lengths)
     assert list(p.attended_pairs) == brute_force_pairs(p)
     check_blocks(p)
+    for other in (None, 0, 3):  # any causal left window on the same pieces
+        check_blocks(p, other)
 
 
 def test_document_pairs_and_zigzag_shares():
@@ -285,6 +289,8 @@ def test_errors_name_the_value():
         P.spread_documents([0, 4], 2, 2.0)
     with pytest.raises(SPConfigError, match="window must be None or a left bound >= 0.*got -1"):
         P.place_documents([0, 4], 2, window=-1)
+    with pytest.raises(SPConfigError, match="window must be None or a left bound >= 0.*got -2"):
+        P.place_documents([0, 4], 2).step_blocks(0, window=-2)
     with pytest.raises(SPConfigError, match="max_imbalance must be >= 1"):
         P.place_documents([0, 4], 2, max_imbalance=0.9)
     # documents of length 0 (repeated offsets) are skipped

@@ -225,21 +225,28 @@ class DocumentPlacement:
         return max((len(doc.ranks) for doc in self.documents), default=1)
 
     # --- the blocks of every ring step ----------------------------------------------------
-    def step_blocks(self, ring_rank: int) -> tuple[tuple[PlacedBlock, ...], ...]:
+    def step_blocks(self, ring_rank: int, window=...) -> tuple[tuple[PlacedBlock, ...], ...]:
         """Per ring step: the blocks ring rank ``ring_rank`` computes, its queries against the K/V
-        block it holds at that step (step 0: its own). The masks come from
-        :func:`lightning_sp.core.layout.block_schedule`, one document at a time."""
-        window = (self.window, None)
+        block it holds at that step (step 0: its own), for causal attention with left ``window``
+        (default ``...``: the placement's own; any window runs on the same pieces, only the balance
+        was counted for ``self.window``). The masks come from
+        :func:`lightning_sp.core.layout.block_schedule`, one document at a time. Made once per (rank, window)."""
+        window = self.window if window is ... else window
+        made = self.__dict__.setdefault("_step_blocks", {})  # beside the frozen fields, as cached_property
+        if (ring_rank, window) not in made:
+            _check(self.ring_size, self.ulysses_size, window)
+            made[ring_rank, window] = self._blocks(ring_rank, (window, None))
+        return made[ring_rank, window]
+
+    def _blocks(self, ring_rank: int, window: tuple) -> tuple[tuple[PlacedBlock, ...], ...]:
         steps: list[list[PlacedBlock]] = [[] for _ in range(self.ring_steps)]
         for (d, member), q_at in zip(self.pieces[ring_rank], self.piece_starts[ring_rank]):
             doc = self.documents[d]
             k = len(doc.ranks)
             for step in range(k):
                 src = (member - step) % k
-                if k == 1:
-                    pairs = block_schedule("contiguous", 0, 0, 1, doc.length, True, window)
-                else:
-                    pairs = block_schedule("zigzag", member, src, k, doc.piece_length, True, window)
+                pairs = (block_schedule("contiguous", 0, 0, 1, doc.length, True, window) if k == 1 else
+                         block_schedule("zigzag", member, src, k, doc.piece_length, True, window))
                 source = doc.ranks[src]
                 k_at = self.piece_starts[source][self.pieces[source].index((d, src))]
                 steps[step] += [PlacedBlock(d, source, q_at + p.q_start, q_at + p.q_stop, k_at + p.k_start,

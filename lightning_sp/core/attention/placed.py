@@ -80,7 +80,7 @@ class PlacedPlan(StepPlan):
             self.sizes.append(at)
         self.peer = {d: (docs[d].ranks[(j + 1) % len(docs[d].ranks)], docs[d].ranks[(j - 1) % len(docs[d].ranks)])
                      for d, j, _ in mine}  # (next, previous) member of each document's sub-ring
-        blocks = P.step_blocks(r)
+        blocks = P.step_blocks(r, window=spec.window[0])
         schedule = []
         for s, step in enumerate(blocks):
             pairs = []
@@ -220,19 +220,19 @@ def check_placement(placement: DocumentPlacement, mesh, local_tokens: int, causa
         raise SPConfigError(f"this rank holds {local_tokens} tokens x ulysses {mesh.ulysses_size}, the placement "
                             f"{placement.tokens_per_rank} per ring rank; shard with placement.shard(x, ring_rank, "
                             f"ulysses_rank)")
-    if not causal or window[1] not in (None, 0) or window[0] != placement.window:
-        raise SPConfigError(f"a placement is causal with the left window it was made for ({placement.window}); "
-                            f"got causal={causal}, window {window}; call with causal=True and "
-                            f"window_size=({-1 if placement.window is None else placement.window}, 0)")
+    if not causal or window[1] not in (None, 0) or (window[0] is not None and window[0] < 0):
+        raise SPConfigError(f"attention over a placement is causal, with any left window; got causal={causal}, "
+                            f"window {window}; call with causal=True and window_size=(left, 0) (left -1: unbounded)")
     if mesh.config.transport == "copy_engine" and any(doc.spans for doc in placement.documents):
         raise SPConfigError("transport 'copy_engine' cannot send to the arbitrary peers of a placement's "
                             "sub-rings; use transport 'auto' or 'nccl'")
 
 
 def placed_spec(spec: RingSpec, placement: DocumentPlacement) -> RingSpec:
-    """``spec`` for this ring rank's pieces (the packed, seq_dim 0 form)."""
+    """``spec`` for this ring rank's pieces (the packed, seq_dim 0 form), with the call's left window
+    (the placement serves any; its own ``window`` is the one its balance was counted for)."""
     cu = tuple(int(x) for x in placement.cu_seqlens[spec.mesh.ring_rank])
-    return replace(spec, layout="zigzag", window=(placement.window, None), cu_seqlens=cu)
+    return replace(spec, layout="zigzag", window=(spec.window[0], None), cu_seqlens=cu)
 
 
 class _PlacedAttention(torch.autograd.Function):
