@@ -3,13 +3,15 @@
 padding-free packing produce), no ``cu_seqlens``, and a module that calls only
 ``model(input_ids=..., position_ids=...)``.
 
-On 4 gloo ranks, every layout and (ulysses, ring) split, a tiny Hugging Face Llama and a
-Mistral-style one with a sliding window (float64, no downloads) train three optimizer steps; their
-parameters are compared with one process that runs each document on its own (the model's own SDPA
-attention, float64 cross entropy over the labels shifted within each document). The documents
-include 1-token ones and ones longer than a rank's share of the row. Negative cases: layers that
-do not learn the packing attend across documents and train differently; positions that are not
-the prepared batch's fail on every rank naming the fix.
+On 4 gloo ranks, every (ulysses, ring) split with the documents placed by work (the default over
+a ring of several ranks, checked to take the placed path) or spread over every ring rank with each
+layout, a tiny Hugging Face Llama and a Mistral-style one with a sliding window (float64, no
+downloads) train three optimizer steps; their parameters are compared with one process that runs
+each document on its own (the model's own SDPA attention, float64 cross entropy over the labels
+shifted within each document). The documents include 1-token ones and ones longer than a rank's
+share of the row. Negative cases: layers that do not learn the packing attend across documents and
+train differently; positions, or cu_seqlens over a placement, that are not the prepared batch's
+fail on every rank naming the fix.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import lightning_sp
 import strategy_cases as C
+from lightning_sp.core.attention.placed import count_sent_bytes
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,8 +84,10 @@ class PackedUserLM(pl.LightningModule):
     ``call="local_positions"`` passes positions that are not the batch's (this rank's 0, 1, 2, ...);
     ``call="batch"`` is Hugging Face's own loss on the whole prepared batch, ``model(**batch).loss``
     (the documents reach attention as ``cu_seq_lens_q``, the loss reads ``shift_labels``);
-    ``forget_packing`` unbinds the layers from the strategy's sequence context (so they attend
-    across documents), to show that the comparison sees it."""
+    ``call="local_documents"`` passes ``cu_seq_lens_q`` that are not the batch's (this rank's tokens
+    as one document); ``forget_packing`` unbinds the layers from the strategy's sequence context (so
+    they attend across documents), to show that the comparison sees it. ``placed`` records, per
+    step, whether the batch was placed by work and the bytes its placed ring exchange sent."""
 
     def __init__(self, kind: str, call: str = "positions", forget_packing: bool = False):
         super().__init__()
@@ -90,6 +95,7 @@ class PackedUserLM(pl.LightningModule):
         lightning_sp.swap_attention(self.model)
         self.call, self.forget_packing = call, forget_packing
         self.seen: list[int] = []
+        self.placed: list[tuple[bool, int]] = []
 
     def on_train_start(self):
         if self.forget_packing:
@@ -99,27 +105,39 @@ class PackedUserLM(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         self.seen += batch["idx"].tolist()
+        with count_sent_bytes() as sent:
+            loss = self._loss(batch)
+        self.placed.append((batch["shard_info"].placement is not None, sum(n for *_, n in sent)))
+        return loss
+
+    def _loss(self, batch):
         if self.call == "batch":
             return self.model(**batch).loss
-        positions = batch["position_ids"]
+        positions, documents = batch["position_ids"], {}
         if self.call == "local_positions":
             positions = torch.arange(positions.shape[-1]).expand_as(positions)
-        logits = self.model(input_ids=batch["input_ids"], position_ids=positions).logits
+        if self.call == "local_documents":
+            cu = torch.tensor([0, positions.shape[-1]], dtype=torch.int32)
+            documents = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=positions.shape[-1],
+                             max_length_k=positions.shape[-1])
+        logits = self.model(input_ids=batch["input_ids"], position_ids=positions, **documents).logits
         return lightning_sp.loss.cross_entropy(logits, batch["labels"], ignore_index=IGNORE).loss
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
 
 
-def packed_fit_job(kind, ulysses, ring, layout, *, call="positions", forget_packing=False, with_cu_seqlens=False):
-    """Fit PackedUserLM under ulysses_ring; returns (error or None, rows trained, final parameters)."""
+def packed_fit_job(kind, ulysses, ring, layout, *, placement="work", call="positions", forget_packing=False,
+                   with_cu_seqlens=False):
+    """Fit PackedUserLM under ulysses_ring; returns (error or None, rows trained, final parameters,
+    per step: (placed by work, bytes the placed exchange sent))."""
     module = PackedUserLM(kind, call=call, forget_packing=forget_packing)
-    trainer = C._trainer(C.make_strategy(ulysses, ring, layout), max_steps=len(ROWS))
+    trainer = C._trainer(C.make_strategy(ulysses, ring, layout, document_placement=placement), max_steps=len(ROWS))
     try:
         trainer.fit(module, DataLoader(FlattenedRows(with_cu_seqlens), batch_size=1))
     except Exception as err:  # noqa: BLE001 -- the test compares what every rank raised
-        return f"{type(err).__name__}: {err}", module.seen, None
-    return None, module.seen, {k: v.detach().clone() for k, v in module.model.state_dict().items()}
+        return f"{type(err).__name__}: {err}", module.seen, None, module.placed
+    return None, module.seen, {k: v.detach().clone() for k, v in module.model.state_dict().items()}, module.placed
 
 
 def reference_params(kind: str, order: list[int]) -> dict:
@@ -156,16 +174,33 @@ def _max_error(params: dict, ref: dict) -> tuple[float, str]:
     return max((C.rel_err(params[k], v), k) for k, v in ref.items())
 
 
+LAYOUTS = ("contiguous", "zigzag", "stripe")
+# the default placement by work over each ring of several ranks (the layout matters for dense
+# batches only), every layout with the documents spread, and every layout over a ring of one rank
+CASES = ([(u, r, "zigzag", "work") for u, r in ((1, 4), (2, 2))]
+         + [(u, r, layout, "spread") for u, r in ((1, 4), (2, 2)) for layout in LAYOUTS]
+         + [(4, 1, layout, "work") for layout in LAYOUTS])
+
+
+def _check_placed(placed_steps, ring, placement):
+    """Every step of a ring of several ranks took the placed path under ``work`` and sent K/V for
+    the documents that span ranks (every row has one); none did under ``spread``."""
+    by_work = placement == "work" and ring > 1
+    assert [p for p, _ in placed_steps] == [by_work] * len(ROWS)
+    assert all((sent > 0) == by_work for _, sent in placed_steps), placed_steps
+
+
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
-@pytest.mark.parametrize("ulysses,ring", [(1, 4), (2, 2), (4, 1)])
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
-def test_packed_rows_train_like_each_document_alone(worlds, layout, ulysses, ring, kind):
-    results = worlds(4).run(packed_fit_job, kind, ulysses, ring, layout, timeout=TIMEOUT)
-    errors, seen, _ = zip(*results)
+@pytest.mark.parametrize("ulysses,ring,layout,placement", CASES)
+def test_packed_rows_train_like_each_document_alone(worlds, layout, ulysses, ring, placement, kind):
+    results = worlds(4).run(packed_fit_job, kind, ulysses, ring, layout, placement=placement, timeout=TIMEOUT)
+    errors, seen, _, placed = zip(*results)
     assert errors == (None,) * 4, errors[0]
     assert all(s == seen[0] for s in seen) and sorted(seen[0]) == list(range(len(ROWS)))
+    for steps in placed:
+        _check_placed(steps, ring, placement)
     ref, start = _reference(kind, seen[0]), make_model(kind).state_dict()
-    for rank, (_, _, params) in enumerate(results):
+    for rank, (_, _, params, _) in enumerate(results):
         for k, v in ref.items():
             assert not torch.equal(v, start[k]) or "norm" in k, f"{k} did not train"
         err, name = _max_error(params, ref)
@@ -180,10 +215,12 @@ def test_packed_rows_train_like_each_document_alone(worlds, layout, ulysses, rin
 def test_the_explicit_conventions_train_alike(worlds, call, with_cu_seqlens, tol, layout, ulysses, ring, kind):
     results = worlds(4).run(packed_fit_job, kind, ulysses, ring, layout, call=call, with_cu_seqlens=with_cu_seqlens,
                             timeout=TIMEOUT)
-    errors, seen, _ = zip(*results)
+    errors, seen, _, placed = zip(*results)
     assert errors == (None,) * 4, errors[0]
+    for steps in placed:
+        _check_placed(steps, ring, "work")
     ref = _reference(kind, seen[0])
-    for rank, (_, _, params) in enumerate(results):
+    for rank, (_, _, params, _) in enumerate(results):
         err, name = _max_error(params, ref)
         assert err < tol, f"rank {rank}: {name} differs from one process running each document by {err:.3g}"
 
@@ -192,20 +229,30 @@ def test_the_explicit_conventions_train_alike(worlds, call, with_cu_seqlens, tol
 def test_attention_across_documents_is_seen(worlds, kind):
     """The comparison can fail: layers that do not learn the row's packing attend across its
     documents (with the window: those within WINDOW tokens) and end far from the reference."""
-    results = worlds(4).run(packed_fit_job, kind, 2, 2, "zigzag", forget_packing=True, timeout=TIMEOUT)
-    errors, seen, _ = zip(*results)
+    results = worlds(4).run(packed_fit_job, kind, 2, 2, "zigzag", placement="spread", forget_packing=True,
+                            timeout=TIMEOUT)
+    errors, seen, _, _ = zip(*results)
     assert errors == (None,) * 4, errors[0]
     ref = _reference(kind, seen[0])
-    for _, _, params in results:
+    for _, _, params, _ in results:
         assert _max_error(params, ref)[0] > 1e-3
 
 
-def test_positions_that_are_not_the_batchs_fail_on_every_rank(worlds):
-    """Positions other than the prepared batch's: the layers cannot know where its documents lie,
-    so every rank raises the same error at the first step, naming the fix."""
-    results = worlds(4).run(packed_fit_job, "llama", 2, 2, "zigzag", call="local_positions", timeout=TIMEOUT)
+@pytest.mark.parametrize("call,placement,match", [
+    pytest.param("local_positions", "spread", r"^SPConfigError: attention was called with position_ids \(1, \d+\) "
+                 r"that are not those of the batch the strategy prepared .*pass position_ids=batch\['position_ids'\]",
+                 id="positions-spread"),
+    pytest.param("local_positions", "work", r"^SPConfigError: attention was called with position_ids \(1, \d+\)",
+                 id="positions-work"),
+    pytest.param("local_documents", "work", r"^SPConfigError: attention was called with cu_seqlens that are not "
+                 r"those of the batch the strategy prepared .*placed on the ring ranks by work .*pass "
+                 r"cu_seqlens=batch\['cu_seqlens'\].*document_placement='spread'", id="cu_seqlens-work"),
+])
+def test_a_packing_that_is_not_the_batchs_fails_on_every_rank(worlds, call, placement, match):
+    """Positions, or over a placement cu_seqlens, other than the prepared batch's: the layers cannot
+    know where its documents lie, so every rank raises the same error at the first step, naming the fix."""
+    results = worlds(4).run(packed_fit_job, "llama", 2, 2, "zigzag", placement=placement, call=call, timeout=TIMEOUT)
     errors = [r[0] for r in results]
     assert errors[0] is not None and all(e == errors[0] for e in errors), errors
-    assert re.search(r"^SPConfigError: attention was called with position_ids \(1, \d+\) that are not those of the "
-                     r"batch the strategy prepared .*pass position_ids=batch\['position_ids'\]", errors[0]), errors[0]
+    assert re.search(match, errors[0]), errors[0]
     assert all(len(r[1]) == 1 and r[1] == results[0][1] for r in results)  # at the first step

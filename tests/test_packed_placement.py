@@ -64,7 +64,7 @@ def test_a_layer_over_a_placement_is_causal_and_takes_the_prepared_packing_only(
                                             r"by work .*document_placement='spread'"):
         layer(q, q, q, causal=False, cu_seqlens=local["cu_seqlens"])
     other = torch.tensor([0, q.shape[0]], dtype=torch.int32)
-    with pytest.raises(SPConfigError, match=r"attention was called with cu_seqlens \[0, \d+\] that are not those of "
+    with pytest.raises(SPConfigError, match=r"attention was called with cu_seqlens that are not those of "
                                             r"the batch the strategy prepared .*pass cu_seqlens=batch\['cu_seqlens'\]"
                                             r".*document_placement='spread'"):
         layer(q, q, q, causal=True, cu_seqlens=other)

@@ -236,10 +236,10 @@ class SequenceContext:
             same = given.shape == prepared.shape and torch.equal(given, prepared)
             if not _agreed(same, self.cu_seqlens.device, mesh):
                 raise SPConfigError(
-                    f"attention was called with cu_seqlens {given.tolist()[:8]} that are not those of the batch the "
-                    f"strategy prepared ({prepared.tolist()[:8]}), whose documents are placed on the ring ranks by "
-                    f"work (document_placement='work'); pass cu_seqlens=batch['cu_seqlens'] of that batch (or "
-                    f"none), or give the strategy document_placement='spread' to attend over other packings")
+                    "attention was called with cu_seqlens that are not those of the batch the strategy prepared "
+                    "(on some rank of the sequence-parallel group), whose documents are placed on the ring ranks by "
+                    "work (document_placement='work'); pass cu_seqlens=batch['cu_seqlens'] of that batch (or none), "
+                    "or give the strategy document_placement='spread' to attend over other packings")
             self._checked_cu = cu_seqlens
         return self.placement
 
