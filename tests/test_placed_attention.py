@@ -60,7 +60,7 @@ def _attend(mesh, placement, lengths, inputs, window):
     filler = [float(x.detach()[mask].abs().max()) if mask.any() else 0.0
               for x, mask in zip((out, *(x.grad for x in local)), (filler_rows, ~real, ~real, ~real))]
     sent = {phase: [sum(b for p, s, _, b in record if p == phase and s == step) for step in range(mesh.ring_size)]
-            for phase in ("forward", "backward")}
+            for phase in ("forward", "backward_kv", "backward")}
     kv_heads_here = replicated_kv_heads(kv_heads, ulysses) // ulysses
     predicted = placement.step_bytes(2 * kv_heads_here * head_dim * 8)[r]
     return errs, filler, sent, list(predicted)
@@ -70,7 +70,10 @@ def _check(results, tol=1e-10):
     for errs, filler, sent, predicted in (call for rank in results for call in rank):
         assert max(errs.values()) < tol, errs
         assert max(filler) == 0.0, filler  # filler rows: out 0, zero gradients
+        # K/V forward at steps 1.., dK/dV sums backward from steps 1.. (float64: as many bytes), and the
+        # backward's K/V from steps 2.. (step 1's go to step 0, which attends the rank's own)
         assert sent["forward"] == predicted and sent["backward"] == predicted, (sent, predicted)
+        assert sent["backward_kv"] == [b if step >= 2 else 0 for step, b in enumerate(predicted)], (sent, predicted)
 
 
 def _lengths(kind: str, seed: int) -> list[int]:
@@ -121,12 +124,45 @@ def test_no_spanning_document_sends_nothing(worlds):
     assert all(not any(map(any, sent.values())) for (_, _, sent, _), in results)
 
 
+def saved_bytes_case(ring, length=128, heads=4, kv_heads=2, head_dim=8):
+    """(bytes of the storages the attention call saves for its backward, bytes of this rank's q, k, v)
+    for one document over every ring rank."""
+    import lightning_sp
+    from lightning_sp.core import placement as P
+
+    mesh = lightning_sp.init_sp_mesh(ulysses_degree=1, ring_degree=ring)
+    placement = P.place_documents(cu([length]), ring)
+    assert placement.documents[0].ranks == tuple(range(ring))
+    local = [placement.shard(t[0], mesh.ring_rank).requires_grad_()
+             for t in _inputs(1, length, heads, kv_heads, head_dim, seed=0)[:3]]
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = lightning_sp.packed_long_context_attention(local, mesh, "zigzag", causal=True, placement=placement)
+    out.sum().backward()
+    return sum(storages.values()), sum(x.numel() * x.element_size() for x in local)
+
+
+@pytest.mark.parametrize("ring", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
+def test_saved_blocks_do_not_grow_with_the_sub_ring(worlds, ring):
+    """The backward keeps one K/V block per spanning document, as the dense ring keeps its last
+    message: q, k, v, out, the log-sum-exp and one block are 2.06 x the local q, k, v here (keeping
+    every step's message would add 0.5 x per further member of the sub-ring)."""
+    for saved, local in worlds(ring).run(saved_bytes_case, ring, timeout=180):
+        assert saved <= 2.1 * local, (saved, local)
+
+
 def test_hand_computed_bytes(worlds):
     """One 8-token document over 2 ranks (spread): each rank sends its 4-token piece once at step 1,
     K and V of 2 heads x 8 dims in float64 = 4 * 2 * 2 * 8 * 8 = 1024 bytes (dK/dV the same back)."""
     results = worlds(2).run(placed_case, 1, 2, [8], spread=True, timeout=180)
     _check(results)
-    assert [sent for (_, _, sent, _), in results] == [{"forward": [0, 1024], "backward": [0, 1024]}] * 2
+    assert [sent for (_, _, sent, _), in results] == [{"forward": [0, 1024], "backward_kv": [0, 0],
+                                                       "backward": [0, 1024]}] * 2
 
 
 @pytest.mark.parametrize("name", ["one", "16x8K", "128x1K", "mixed"])

@@ -3,210 +3,90 @@ moves only the K/V (and dK/dV) of documents that span ranks, each along its own 
 
 At ring step s >= 1, every spanning document of a sub-ring of k > s ranks passes the block its
 member held at step s - 1 (its own piece at s = 1) to the next member and receives one from the
-previous member. What a rank receives at a step is its *message*: the received blocks
-concatenated in the order of its pieces (document order), one (2, tokens, heads, dim) tensor of
-K and V. Messages go to arbitrary peers of the ring group (one tensor per peer and direction),
-so a batch in which no document spans ranks exchanges nothing. The forward keeps its messages for
-the backward, which runs the steps in reverse and sends each block's dK/dV partial sum back to
-the member it came from, so every sum reaches its owner.
+previous member (:class:`~lightning_sp.core.attention.placed_plan.PlacedPlan` lays the blocks out
+and moves them). Messages go to arbitrary peers of the ring group, so a batch in which no document
+spans ranks exchanges nothing. As the dense ring (``ring_backward``), the backward runs the steps in
+reverse and keeps O(1) blocks: the forward keeps, per spanning document, only the block of its last
+step; every earlier one comes back from the next member, which held it one step later, together
+with the dK/dV sum of that block, so every sum reaches its owner.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import replace
 
 import torch
-import torch.distributed as dist
 
 from ..errors import SPConfigError
-from ..kernels import check_auto_fallback, lse_dtype, select_kernel
-from ..layout import BlockPair, square_causal
+from ..kernels import lse_dtype
 from ..placement import DocumentPlacement
 from .merge import OutputAccumulator, PartialSum
-from .ring import BlockCall, RingSpec, StepPlan
-
-_byte_counters: list[list] = []  # active count_sent_bytes() records
-
-
-@contextlib.contextmanager
-def count_sent_bytes():
-    """Record every tensor this process sends through the placed exchange, as
-    ``(phase, step, peer ring rank, bytes)`` with phase ``"forward"`` (K/V) or ``"backward"`` (dK/dV)."""
-    record: list = []
-    _byte_counters.append(record)
-    try:
-        yield record
-    finally:
-        _byte_counters.remove(record)
+from .placed_plan import PlacedPlan, count_sent_bytes  # noqa: F401  (count_sent_bytes: importable from here)
+from .ring import RingSpec
 
 
-def _exchange(mesh, sends, recvs, phase: str, step: int):
-    """Send ``sends`` [(peer, tensor)] and receive ``recvs`` [(peer, shape, dtype)] with peers given as
-    ring ranks; returns a function that waits and gives the received tensors, in ``recvs`` order."""
-    received = [torch.empty(shape, dtype=dtype, device=device) for _, shape, dtype, device in recvs]
-    ops = []
-    for peer, tensor in sends:
-        for record in _byte_counters:
-            record.append((phase, step, peer, tensor.numel() * tensor.element_size()))
-        ops.append(dist.P2POp(dist.isend, tensor.contiguous(), mesh.ring_ranks[peer], mesh.ring_group))
-    ops += [dist.P2POp(dist.irecv, t, mesh.ring_ranks[peer], mesh.ring_group) for (peer, *_), t in zip(recvs, received)]
-    requests = dist.batch_isend_irecv(ops) if ops else []
-
-    def wait():
-        for request in requests:
-            request.wait()
-        return received
-    return wait
-
-
-class PlacedPlan(StepPlan):
-    """The kernel and the block calls of every ring step of a placement for this ring rank, plus
-    where every step's message comes from and goes to. Made once per attention call."""
-
-    def __init__(self, spec: RingSpec, placement: DocumentPlacement, q: torch.Tensor, k: torch.Tensor):
-        self.spec, self.n_local, self.device, self.placement = spec, q.shape[0], q.device, placement
-        r, P = spec.mesh.ring_rank, placement
-        docs = P.documents
-        mine = [(d, j, at) for (d, j), at in zip(P.pieces[r], P.piece_starts[r])]
-        # held[s]: {document: offset} of the blocks held at step s (step 0: own pieces in the local buffer)
-        self.held = [{d: at for d, j, at in mine if docs[d].spans}]
-        self.sizes = [None]
-        for s in range(1, P.ring_steps):
-            offsets, at = {}, 0
-            for d, _, _ in mine:
-                if len(docs[d].ranks) > s:
-                    offsets[d], at = at, at + docs[d].piece_length
-            self.held.append(offsets)
-            self.sizes.append(at)
-        self.peer = {d: (docs[d].ranks[(j + 1) % len(docs[d].ranks)], docs[d].ranks[(j - 1) % len(docs[d].ranks)])
-                     for d, j, _ in mine}  # (next, previous) member of each document's sub-ring
-        blocks = P.step_blocks(r, window=spec.window[0])
-        schedule = []
-        for s, step in enumerate(blocks):
-            pairs = []
-            for b in step:
-                shift = 0
-                if s > 0:  # keys in the source's buffer -> keys in this step's message
-                    doc = docs[b.document]
-                    src = doc.ranks.index(b.source)
-                    shift = self.held[s][b.document] - P.piece_starts[b.source][P.pieces[b.source].index((b.document, src))]
-                pairs.append(BlockPair(b.q_start, b.q_stop, b.k_start + shift, b.k_stop + shift, b.causal, b.window))
-            schedule.append(pairs)
-        masks = {(p.causal, p.window) for step in schedule for p in step} or {(True, (None, None))}
-        self.kernel = select_kernel(spec.backend, q, k, masks=masks)
-        check_auto_fallback(spec.backend, self.kernel, q.device,
-                            [(p.q_stop - p.q_start, p.k_stop - p.k_start, p.causal, p.window)
-                             for step in schedule for p in step])
-        fit = (lambda pairs: pairs) if self.kernel.supports_unequal_causal else square_causal
-        self.steps = [self._grouped(fit(pairs), q.shape[0] if s == 0 else self.sizes[s])
-                      for s, pairs in enumerate(schedule)]
-
-    def _grouped(self, pairs, n_keys) -> list[BlockCall]:
-        """Calls batched by mask kind, a query row at most once per call (as ring.py's varlen calls)."""
-        groups: dict[tuple, list] = {}
-        for p in pairs:
-            kind = (p.causal, p.window)
-            n = 0
-            while any(a < p.q_stop and p.q_start < b for a, b, _, _ in groups.get((*kind, n), [])):
-                n += 1
-            groups.setdefault((*kind, n), []).append((p.q_start, p.q_stop, p.k_start, p.k_stop))
-        calls = []
-        for (causal, window, _), ranges in groups.items():
-            q_sel, cu_q = self._selection([(a, b) for a, b, _, _ in ranges], self.n_local)
-            k_sel, cu_k = self._selection([(c, d) for _, _, c, d in ranges], n_keys)
-            calls.append(BlockCall(q_sel, k_sel, causal, window, cu_q, cu_k))
-        return calls
-
-    def _selection(self, spans, n):
-        """A slice where the spans are contiguous (the whole slice only for all n rows), else an index."""
-        lengths = [b - a for a, b in spans]
-        cu = torch.tensor([0, *lengths], device=self.device).cumsum(0).to(torch.int32)
-        if all(b == c for (_, b), (c, _) in zip(spans[:-1], spans[1:])):
-            start, stop = spans[0][0], spans[-1][1]
-            return (slice(None) if (start, stop) == (0, n) else slice(start, stop)), cu
-        return torch.cat([torch.arange(a, b) for a, b in spans]).to(self.device), cu
-
-    # --- the messages ---------------------------------------------------------------------
-    def _block(self, held: torch.Tensor, s: int, d: int) -> torch.Tensor:
-        at = self.held[s][d]
-        return held[:, at:at + self.placement.documents[d].piece_length]
-
-    def _peers(self, docs, which: int) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for d in docs:
-            out.setdefault(self.peer[d][which], []).append(d)
-        return out
-
-    def _shape(self, held, docs):
-        return (held.shape[0], sum(self.placement.documents[d].piece_length for d in docs), *held.shape[2:])
-
-    def pass_forward(self, held: torch.Tensor, s: int, phase="forward", reverse=False):
-        """Start step ``s``'s exchange from ``held`` (the (2, ., h, d) blocks of step s - 1); returns a
-        function giving the (2, sizes[s], h, d) message. ``reverse``: the backward's dK/dV of step s's
-        blocks (``held``) back to the members they came from, giving step s - 1's blocks' sums."""
-        moving = list(self.held[s])  # the documents of step s's message, in order
-        out_step, in_step = (s, s - 1) if reverse else (s - 1, s)
-        send_to, recv_from = (1, 0) if reverse else (0, 1)
-        sends = [(peer, torch.cat([self._block(held, out_step, d) for d in ds], dim=1))
-                 for peer, ds in self._peers(moving, send_to).items()]
-        recv_groups = list(self._peers(moving, recv_from).items())
-        recvs = [(peer, self._shape(held, ds), held.dtype, held.device) for peer, ds in recv_groups]
-        wait = _exchange(self.spec.mesh, sends, recvs, phase, s)
-        n = self.n_local if in_step == 0 else self.sizes[in_step]
-
-        def message():
-            parts = {}
-            for (_, ds), got in zip(recv_groups, wait()):
-                for d, part in zip(ds, got.split([self.placement.documents[d].piece_length for d in ds], dim=1)):
-                    parts[d] = part
-            if reverse:  # sums for step s - 1's blocks: (offset, part) per document
-                return [(self.held[in_step][d], parts[d]) for d in moving]
-            return torch.cat([parts[d] for d in moving], dim=1) if moving else held.new_empty((held.shape[0], n, *held.shape[2:]))
-        return message
-
-
-def placed_forward(spec: RingSpec, plan: PlacedPlan, q, k, v):
-    """(out, lse in row layout (t, h), the messages of steps 1..) of attention over the placement."""
+def placed_forward(plan: PlacedPlan, q, k, v):
+    """(out, lse in row layout (t, h), kept): ``kept`` holds, in step 0's layout, the K/V block this
+    rank held at each spanning document's last step: all the backward needs of the messages."""
     acc = OutputAccumulator(q, 0)
-    held = torch.stack([k, v]) if len(plan.steps) > 1 else None
-    messages, pending = [], None
+    held = torch.stack([k[:plan.rows[0]], v[:plan.rows[0]]], dim=1)  # the own spanning pieces, sent at step 1
+    kept, pending = torch.empty_like(held), None
     for s, calls in enumerate(plan.steps):
         if s > 0:
             held = pending()
-            messages.append(held)
-        pending = plan.pass_forward(held, s + 1) if s + 1 < len(plan.steps) else None
-        kv = (k, v) if s == 0 else held.unbind(0)
+            for here, there in plan.last_blocks(s):  # copied: a view would keep the whole message
+                kept[there].copy_(held[here])
+        if s + 1 < len(plan.steps):
+            pending = plan.pass_blocks(held, s + 1, held.new_empty(plan.shape(s + 1, held)))
+        kv = (k, v) if s == 0 else held.unbind(1)
         for call in calls:
             acc.add(call.q_sel, *plan.forward(call, q, *kv))
     if acc.out is None:  # no query row attends anything (all filler)
         acc.out = torch.zeros_like(q)
         acc.lse = torch.full(q.shape[:-1], float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
-    return acc.out.to(q.dtype), acc.lse, messages
+    return acc.out.to(q.dtype), acc.lse, kept
 
 
-def placed_backward(spec: RingSpec, plan: PlacedPlan, dout, q, k, v, out, lse, messages):
-    """dq, dk, dv: the steps in reverse; each step's dK/dV sums go back to the previous member."""
+def placed_backward(plan: PlacedPlan, dout, q, k, v, out, lse, kept):
+    """dq, dk, dv: the steps in reverse. At step s a member j holds, per document of k > s members, the
+    block of member j - s: kept by the forward where s = k - 1, else received from member j + 1 (which
+    held it at step s + 1) with that block's dK/dV sum, to which it adds its share before passing both
+    on. The sums travel in float32 (float64 stays float64), rounded once by their owner."""
     lse_k = lse.transpose(-1, -2).contiguous()
     dq = PartialSum(q.shape, q.dtype, q.device, 0)
-    incoming = None
     acc = lse_dtype(k.dtype)
+    kv_pending = dkv_pending = None
     for s in reversed(range(len(plan.steps))):
-        kv = (k, v) if s == 0 else messages[s - 1].unbind(0)
-        shape = kv[0].shape
-        dk, dv = PartialSum(shape, k.dtype, k.device, 0), PartialSum(shape, v.dtype, v.device, 0)
-        for call in plan.steps[s]:
-            gq, gk, gv = plan.backward(call, dout, q, *kv, out, lse_k)
-            dq.add(call.q_sel, gq)
-            dk.add(call.k_sel, gk)
-            dv.add(call.k_sel, gv)
-        if incoming is not None:
-            for at, part in incoming():
-                n = part.shape[1]
-                dk.add(slice(at, at + n), part[0])
-                dv.add(slice(at, at + n), part[1])
+        kv = (k, v)
         if s > 0:
-            sums = torch.stack([dk.result(acc), dv.result(acc)])
-            incoming = plan.pass_forward(sums, s, phase="backward", reverse=True)
+            held = kv_pending() if kv_pending is not None else kept.new_empty(plan.shape(s, kept))
+            for here, there in plan.last_blocks(s):
+                held[here].copy_(kept[there])
+            if s > 1:  # step 0 attends this rank's own k, v
+                kv_pending = plan.pass_blocks(held, s, held.new_empty(plan.shape(s - 1, held)), reverse=True,
+                                              phase="backward_kv")
+            kv = held.unbind(1)
+        grads = [(call, plan.backward(call, dout, q, *kv, out, lse_k)) for call in plan.steps[s]]
+        # the next members' sums for these same blocks (they arrived while this step computed)
+        sums = dkv_pending() if dkv_pending is not None else kept.new_zeros(plan.shape(s, kept), dtype=acc)
+        if s == 0:
+            break
+        for call, (gq, gk, gv) in grads:
+            dq.add(call.q_sel, gq)
+            for i, g in enumerate((gk, gv)):
+                if isinstance(call.k_sel, slice):
+                    sums[call.k_sel, i].add_(g)
+                else:
+                    sums[:, i].index_add_(0, call.k_sel, g.to(acc))
+        dkv_pending = plan.pass_blocks(sums, s, sums.new_zeros(plan.shape(s - 1, sums)), reverse=True,
+                                       phase="backward")
+    dk, dv = PartialSum(k.shape, k.dtype, k.device, 0), PartialSum(v.shape, v.dtype, v.device, 0)
+    for call, (gq, gk, gv) in grads:
+        dq.add(call.q_sel, gq)
+        dk.add(call.k_sel, gk)
+        dv.add(call.k_sel, gv)
+    if plan.rows[0]:  # the spanning pieces' sums, added last: the owner rounds the float32 sum once
+        dk.add(slice(0, plan.rows[0]), sums[:, 0])
+        dv.add(slice(0, plan.rows[0]), sums[:, 1])
     return dq.result(q.dtype), dk.result(k.dtype), dv.result(v.dtype)
 
 
@@ -243,17 +123,16 @@ class _PlacedAttention(torch.autograd.Function):
     def forward(ctx, spec: RingSpec, placement: DocumentPlacement, groups: int, q, k, v):
         from .ulysses import HeadGather, HeadScatter
         scatter, gather = HeadScatter([q, k, v], spec.mesh, groups), HeadGather(spec.mesh, groups)
-        saved, plan, lses, counts = [], None, [], []
+        saved, plan, lses = [], None, []
         for g in range(groups):
             qg, kg, vg = (x[0] for x in scatter[g])
             plan = plan or PlacedPlan(spec, placement, qg, kg)  # one plan for every head group
-            out, lse, messages = placed_forward(spec, plan, qg, kg, vg)
+            out, lse, kept = placed_forward(plan, qg, kg, vg)
             gather.send(g, [out.unsqueeze(0)])
-            saved += [qg, kg, vg, out, lse, *messages]
-            counts.append(5 + len(messages))
+            saved += [qg, kg, vg, out, lse, kept]
             lses.append(lse)
         ctx.save_for_backward(*saved)
-        ctx.spec, ctx.groups, ctx.plan, ctx.counts = spec, groups, plan, counts
+        ctx.spec, ctx.groups, ctx.plan = spec, groups, plan
         lse = torch.cat(lses, dim=-1) if groups > 1 else lses[0]
         ctx.mark_non_differentiable(lse)
         return gather.result()[0], lse
@@ -263,11 +142,9 @@ class _PlacedAttention(torch.autograd.Function):
         from .ulysses import HeadGather, HeadScatter
         spec = ctx.spec
         scatter, gather = HeadScatter([dout.contiguous()], spec.mesh, ctx.groups), HeadGather(spec.mesh, ctx.groups)
-        saved, at = ctx.saved_tensors, 0
-        for g, count in enumerate(ctx.counts):
-            q, k, v, out, lse, *messages = saved[at:at + count]
-            at += count
-            grads = placed_backward(spec, ctx.plan, scatter[g][0][0], q, k, v, out, lse, messages)
+        saved = ctx.saved_tensors
+        for g in range(ctx.groups):
+            grads = placed_backward(ctx.plan, scatter[g][0][0], *saved[6 * g:6 * g + 6])
             gather.send(g, [x.unsqueeze(0) for x in grads])
         return (None, None, None, *gather.result())
 
