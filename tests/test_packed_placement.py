@@ -1,22 +1,32 @@
 """Packed batches whose documents are placed on the ring ranks by causal work (the default
 ``document_placement="work"``): ``gather_sequence`` undoes the placement exactly on 2 and 4 gloo
-ranks (ring x ulysses splits), and an attention layer bound to a sequence context that holds a
-placement attends over it only causally and only for the prepared batch's ``cu_seqlens``. Training
-over a placement against one process: tests/test_strategy.py (TinyLM) and tests/test_hf_packing.py
-(Hugging Face models, both packed conventions)."""
+ranks (ring x ulysses splits); our Llama with a sliding-window layer before a global one, on a
+placement balanced for full causal work, gives one process's logits and gradients (float64); an
+attention layer bound to a sequence context that holds a placement attends over it only causally
+and only for the prepared batch's ``cu_seqlens``. Training over a placement against one process:
+tests/test_strategy.py (TinyLM) and tests/test_hf_packing.py (Hugging Face models, both packed
+conventions, a sliding window on every layer)."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import lightning_sp
 from lightning_sp import SPConfigError
+from lightning_sp.app.models.llama import LlamaConfig, LlamaForCausalLM
 from lightning_sp.core.attention.hybrid import SequenceContext
+from lightning_sp.core.attention.placed import count_sent_bytes
 from lightning_sp.core.mesh import rank_coordinates
 from lightning_sp.integration.batch import DEFAULT_SHARD_KEYS, gather_sequence, prepare_batch
+from lightning_sp.integration.binding import bind_attention
+from lightning_sp.loss import exact_token_loss
 
 TIMEOUT = 120
+TOL = 1e-9
 LENGTHS = [3, 2, 16, 2, 1, 2, 2, 9]  # short documents whole on a ring rank, the long one split
 
 
@@ -45,6 +55,56 @@ def gather_job(ulysses: int, ring: int):
 def test_gather_sequence_undoes_the_placement(worlds, world, ulysses, ring):
     for placed, same in worlds(world).run(gather_job, ulysses, ring, timeout=TIMEOUT):
         assert placed and all(same.values()), same
+
+
+def rel(a, b) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _logits_and_grads(model, batch, world: int = 1):
+    """Logits of the batch and the parameters' gradients of the world's token-mean loss (this
+    rank's share of it, gradients averaged over the world as DDP does)."""
+    model.zero_grad()
+    logits = model.logits(model(batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_seqlen"]))
+    labels = batch["labels"]
+    loss_sum = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    exact_token_loss(loss_sum, (labels != -100).sum()).loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if world > 1:
+            dist.all_reduce(p.grad)
+        grads[name] = p.grad / world
+    return logits.detach(), grads
+
+
+def mixed_window_job(ulysses: int, ring: int):
+    """On every rank: our Llama (layer 0 a sliding window of 5, layer 1 global) on this rank's part
+    of a placed batch against the same model in one process; the largest relative error, and the
+    bytes the placed exchange sent."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                         num_kv_heads=2, init_std=0.2, sliding_window=5,
+                         layer_types=["sliding_attention", "full_attention"])
+    model = LlamaForCausalLM(config).double()
+    batch = _batch()
+    del batch["features"]
+    want, want_grads = _logits_and_grads(copy.deepcopy(model), prepare_batch(batch)[0])
+    mesh = lightning_sp.build_mesh(lightning_sp.SPConfig(ulysses_degree=ulysses, ring_degree=ring,
+                                                         world_size=dist.get_world_size()), device_type="cpu")
+    local, info = prepare_batch(batch, mesh)
+    context = SequenceContext()  # what the strategy does for every batch
+    context.set(local["position_ids"], local["cu_seqlens"], local["max_seqlen"], info.placement)
+    bind_attention(lightning_sp.swap_attention(model), mesh, context=context)
+    with count_sent_bytes() as sent:
+        logits, grads = _logits_and_grads(model, local, dist.get_world_size())
+    errors = [rel(gather_sequence(logits, info), want)] + [rel(grads[n], g) for n, g in want_grads.items()]
+    return max(errors), sum(n for *_, n in sent)
+
+
+@pytest.mark.parametrize("ulysses,ring", [(2, 2), (1, 4)])
+def test_sliding_and_global_layers_over_a_placement_match_one_process(worlds, ulysses, ring):
+    for error, sent in worlds(4).run(mixed_window_job, ulysses, ring, timeout=TIMEOUT):
+        assert error < TOL and sent > 0, (error, sent)
 
 
 def _context(ring: int = 2):

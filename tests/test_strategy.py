@@ -227,14 +227,16 @@ def test_matches_single_process_with_data_parallel(world4, ulysses, ring, layout
     check_run(results, ulysses, ring, layout, n=12, batch=2, steps=3)
 
 
-@pytest.mark.parametrize("ulysses,ring,layout,placement", [
-    (2, 2, "zigzag", "work"), (1, 4, "stripe", "work"), (1, 2, "zigzag", "work"),  # the default: placed by work
-    (2, 2, "zigzag", "spread"), (1, 4, "stripe", "spread"), (4, 1, "contiguous", "work"),  # (ring 1: nothing to place)
+@pytest.mark.parametrize("ulysses,ring,layout,placement,fsdp", [
+    (2, 2, "zigzag", "work", False), (1, 4, "stripe", "work", False), (1, 2, "zigzag", "work", False),  # the default
+    (2, 2, "zigzag", "work", True),
+    (2, 2, "zigzag", "spread", False), (1, 4, "stripe", "spread", False),
+    (4, 1, "contiguous", "work", False),  # a ring of one rank: nothing to place
 ])
-def test_packed_documents(world4, ulysses, ring, layout, placement):
+def test_packed_documents(world4, ulysses, ring, layout, placement, fsdp):
     """Packed rows (documents of 1 to 11 tokens, dp 2 for the ring of 2) train like one process,
     with the documents placed by work or spread over every ring rank."""
-    results = world4.run(C.fit_job, ulysses, ring, layout, data="packed", n=6, batch=1, max_steps=3,
+    results = world4.run(C.fit_job, ulysses, ring, layout, data="packed", n=6, batch=1, max_steps=3, fsdp=fsdp,
                          document_placement=placement, timeout=TIMEOUT)
     check_run(results, ulysses, ring, layout, n=6, batch=1, steps=3, data="packed")
 
