@@ -49,7 +49,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-
 import torch.distributed as dist
 
 from ..core import layout as L
@@ -118,7 +117,9 @@ def prepare_batch(batch: Mapping, mesh: SPMesh | None = None, *, layout: str | N
         agree: check with the other ranks of the mesh (a collective; False for index maths without
             process groups, where ``num_items_in_batch`` counts this batch's tokens only).
         document_placement: where a packed batch's documents go, ``work`` or ``spread`` (see the
-            module doc); default the mesh config's.
+            module doc); default the mesh config's. A batch placed by work (``shard_info.placement``)
+            is attended right only by layers whose :class:`~lightning_sp.core.attention.hybrid.SequenceContext`
+            holds that placement, as the strategies set it; layers given only ``cu_seqlens`` need ``spread``.
 
     Returns:
         ``(local_batch, shard_info)``; ``local_batch["shard_info"]`` is ``shard_info``.
