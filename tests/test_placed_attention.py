@@ -175,6 +175,27 @@ def test_issue_distributions_bytes(worlds, name):
     _check(results)
 
 
+def test_each_peers_blocks_arrive_in_one_slice():
+    """At every step the blocks from one peer lie back to back in the step's buffer, so the forward
+    receives them in place (a batch whose ranks hold pieces of sub-rings that run differently)."""
+    from lightning_sp.core import placement as P
+    from lightning_sp.core.attention.placed_plan import PlacedPlan
+    from lightning_sp.core.attention.ring import RingSpec
+    from lightning_sp.core.mesh import rank_coordinates
+
+    placement = P.place_documents(cu(_lengths("random", 24)), 4, 2)
+    peers_at_a_step = []
+    for r in range(4):
+        x = torch.zeros(placement.tokens_per_rank, 2, 8, dtype=torch.float64)
+        spec = RingSpec(rank_coordinates(4, 1, r), "zigzag", True, 1.0, (None, None), "auto")
+        plan = PlacedPlan(spec, placement, x, x)
+        for layout in plan.layouts[1:]:
+            sources = [plan.peer[d][1] for d in layout]  # in layout order
+            assert sources == sorted(sources) and list(layout.values()) == sorted(layout.values())
+            peers_at_a_step.append(len(set(sources)))
+    assert max(peers_at_a_step) > 1
+
+
 def test_misuse_raises():
     """A placement for another mesh, or a mask it was not made for: an SPConfigError naming the fix."""
     import lightning_sp

@@ -5,7 +5,10 @@ K/V blocks (and their dK/dV sums) along their sub-rings.
 A step's blocks live in one buffer of (tokens, 2, heads, dim) (K and V of a token side by side, so
 any run of tokens is one contiguous slice), in the step's *layout*: an offset per document. Step 0's
 layout is the local one (this rank's spanning pieces come first in its buffer); at a later step s
-it holds the documents of more than s members in document order.
+the documents of more than s members are ordered by the member they come from (then by document),
+so the forward receives each peer's blocks in place, in one slice, and the backward sends each
+peer's blocks from one. The other direction takes a copy only where a peer's blocks are not
+back to back (a rank holding pieces of several documents whose sub-rings run differently).
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ class PlacedPlan(StepPlan):
                      for d, j, _ in spanning}  # (next, previous) member of each document's sub-ring
         self.layouts = [{d: at for d, _, at in spanning}]
         for s in range(1, P.ring_steps):
-            moving = [d for d in self.length if self.members[d] > s]
+            moving = sorted((d for d in self.length if self.members[d] > s), key=lambda d: (self.peer[d][1], d))
             self.layouts.append(dict(zip(moving, accumulate((self.length[d] for d in moving), initial=0))))
         self.rows = [sum(self.length[d] for d in layout) for layout in self.layouts]
         schedule = []
