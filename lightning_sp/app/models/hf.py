@@ -8,6 +8,8 @@ the ``position_ids`` it was given, which must therefore be the global ones. Pack
 in through the ``cu_seq_lens_q`` / ``max_length_q`` keyword arguments the models forward to attention,
 or, for a model called with ``input_ids`` and ``position_ids`` only (positions restarting at 0 for
 each document), from the strategy's sequence context, which the layer checks against those positions.
+Where the strategy placed the documents by work (its default ``document_placement``), the layer
+attends over that placement either way.
 """
 from __future__ import annotations
 
