@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 
 from ..errors import SPConfigError
 from ..kernels import lse_dtype
@@ -22,6 +23,22 @@ from ..placement import DocumentPlacement
 from .merge import OutputAccumulator, PartialSum
 from .placed_plan import PlacedPlan, count_sent_bytes  # noqa: F401  (count_sent_bytes: importable from here)
 from .ring import RingSpec
+
+
+_ring_groups_ready: set = set()  # ring groups that ran a collective over all their ranks (see below)
+
+
+def _ready_for_partial_batches(mesh, device: torch.device) -> None:
+    """With NCCL, a batch of P2P ops (``batch_isend_irecv``) that is a group's first collective must
+    involve every rank of the group; later ones may leave ranks out (torch's documentation). The placed
+    exchange leaves out ranks with nothing to send, so the first placed call on a ring group (a call
+    every ring rank makes) first runs a one-element all-reduce over it. CPU tensors go through gloo,
+    which has no such rule."""
+    group = mesh.ring_group
+    if group is None or device.type != "cuda" or group in _ring_groups_ready:
+        return
+    dist.all_reduce(torch.zeros(1, device=device), group=group)
+    _ring_groups_ready.add(group)
 
 
 def placed_forward(plan: PlacedPlan, q, k, v):
@@ -122,6 +139,7 @@ class _PlacedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: RingSpec, placement: DocumentPlacement, groups: int, q, k, v):
         from .ulysses import HeadGather, HeadScatter
+        _ready_for_partial_batches(spec.mesh, q.device)
         scatter, gather = HeadScatter([q, k, v], spec.mesh, groups), HeadGather(spec.mesh, groups)
         saved, plan, lses = [], None, []
         for g in range(groups):
