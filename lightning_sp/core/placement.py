@@ -216,7 +216,8 @@ class DocumentPlacement:
 
     def step_bytes(self, bytes_per_token: int) -> tuple[tuple[int, ...], ...]:
         """``step_tokens`` in bytes, e.g. ``bytes_per_token = 2 * kv_heads * head_dim * element_size``
-        for K and V (the backward sends dK and dV the same way)."""
+        for K and V. The backward sends their dK/dV sums the same way (in float32 below float32) and
+        the K/V again at steps 2 and later (``attention.placed``)."""
         return tuple(tuple(t * bytes_per_token for t in steps) for steps in self.step_tokens)
 
     @property
