@@ -15,19 +15,22 @@ The batches (``--distribution``, sizes for ``--seq_len`` S tokens; S = 131072 gi
 Under torchrun (P ranks, the ring over all of them), per batch: ``single_gpu``, the whole batch as one
 varlen call on every GPU at once (an iteration counts as the fastest GPU's); ``ours`` with
 ``layout=placed`` (:func:`lightning_sp.core.placement.place_documents`) and ``layout=zigzag``
-(every document over every rank), each as ``path=compute_only``: every rank runs the kernel calls of
-its ring steps with no communication (the ring does not consume the placement yet; the ring path
-plugs in at :func:`ours_ring`), and the zigzag one also through today's varlen ring
-(``path=ring``); ``torch_cp``: FlexAttention with the document mask under torch's context
+(every document over every rank), each as ``path=compute_only``: every rank runs the block calls of
+the plan the placed ring makes for it (:func:`plan_step`) with no communication, and as
+``path=ring``: the placed ring itself (``packed_long_context_attention(placement=...)``), and
+today's varlen ring for the zigzag; ``torch_cp``: FlexAttention with the document mask under torch's context
 parallelism, or the reason it cannot run. ``--compute_side`` (one process, one GPU): every rank's
-kernel calls of the planned placement, one rank after another, for P in ``--world``; compute-side
-efficiency = (one-GPU varlen time / P) / (slowest rank's kernel time), for both layouts.
+block calls of the placed ring's plan (:func:`plan_step`; the per-document zigzag as a placement
+that splits every document over every rank), the ranks timed in turn for ``--rounds`` rounds (each rank's
+median over all of them), for P in ``--world``; compute-side efficiency = (one-GPU varlen time / P)
+/ (slowest rank's kernel time), for both layouts.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import statistics
 import sys
 from dataclasses import dataclass
 
@@ -43,7 +46,6 @@ from lightning_sp.core.placement import document_pairs, place_documents, spread_
 
 DISTRIBUTIONS = ("one", "16x8k", "128x1k", "mixed", "window")
 LAYOUTS = {"placed": place_documents, "zigzag": spread_documents}
-RING_LAYOUTS = ("zigzag",)  # the layouts the ring runs today (see ours_ring)
 
 
 def distribution(name: str, total: int = 131072) -> tuple[list[int], int | None]:
@@ -72,50 +74,55 @@ def cu_seqlens(lengths) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel calls of a placement
+# Kernel calls: the one-GPU baseline, and a ring rank's plan
 
 
 @dataclass
 class Call:
-    """One varlen kernel call: rows ``q_index`` of the stacked rank buffers against rows ``k_index``."""
+    """One varlen kernel call (the one-GPU baseline): rows ``index`` of q, k and v, documents ``cu``."""
 
-    q_index: torch.Tensor
-    k_index: torch.Tensor
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
-    causal: bool
+    index: torch.Tensor
+    cu: torch.Tensor
     window: tuple
 
 
-def rank_calls(placement, rank: int) -> list[Call]:
-    """The kernel calls of ``rank``'s ring steps, rows indexing the ranks' buffers stacked rank after
-    rank: per step, the blocks of one mask kind go in one call, a query row at most once per call
-    (as the ring merges partial results one call at a time)."""
-    T = placement.tokens_per_rank
-    calls = []
-    for blocks in placement.step_blocks(rank):
-        groups: dict[tuple, list] = {}
-        seen: dict[tuple, int] = {}
-        for b in blocks:
-            kind = (b.causal, b.window)
-            seen[(b.document, kind)] = seen.get((b.document, kind), -1) + 1
-            groups.setdefault((*kind, seen[(b.document, kind)]), []).append(b)
-        for (causal, window, _), group in groups.items():
-            q = [torch.arange(b.q_start, b.q_stop) + rank * T for b in group]
-            k = [torch.arange(b.k_start, b.k_stop) + b.source * T for b in group]
-            calls.append(Call(torch.cat(q), torch.cat(k), _cu(q), _cu(k), causal, window))
-    return calls
-
-
-def _cu(parts) -> torch.Tensor:
-    return torch.tensor([0, *(len(p) for p in parts)]).cumsum(0).to(torch.int32)
-
-
 def whole_batch_call(lengths, window) -> Call:
-    """The one-GPU baseline: the whole packed batch as one varlen call."""
-    cu = cu_seqlens(lengths).to(torch.int32)
-    index = torch.arange(sum(lengths))
-    return Call(index, index, cu, cu, True, (window, None))
+    """The one-GPU baseline: the whole packed batch as one causal varlen call."""
+    return Call(torch.arange(sum(lengths)), cu_seqlens(lengths).to(torch.int32), (window, None))
+
+
+def plan_step(placement, rank: int, args, kv: int, device, dtype, fwd_only: bool):
+    """``rank``'s share of the ring over ``placement`` without the ring: the block calls of every step
+    of the plan the placed ring itself makes (:class:`~lightning_sp.core.attention.placed_plan.PlacedPlan`),
+    run on its own q, k, v and on random K/V buffers standing for what each step receives (in the
+    step's own (tokens, 2, heads, dim) layout), forward and backward. No communication, no merging."""
+    from lightning_sp.core.attention.placed import placed_spec
+    from lightning_sp.core.attention.placed_plan import PlacedPlan
+    from lightning_sp.core.attention.ring import RingSpec
+    from lightning_sp.core.mesh import rank_coordinates
+
+    mesh = rank_coordinates(placement.ring_size, 1, rank)
+    q, k, v = make_inputs(args, kv, placement.tokens_per_rank, device, dtype, args.seed + rank)
+    spec = RingSpec(mesh, "zigzag", True, args.head_dim ** -0.5, (placement.window, None), args.backend)
+    plan = PlacedPlan(placed_spec(spec, placement), placement, q, k)
+    like = torch.stack([k, v], dim=1)
+    kvs = [(k, v)] + [torch.randn(plan.shape(s, like), device=device, dtype=dtype).unbind(1)
+                      for s in range(1, len(plan.steps))]
+    calls = [(call, kv_s) for calls, kv_s in zip(plan.steps, kvs) for call in calls]
+    out, lse = torch.zeros_like(q), torch.zeros(q.shape[:-1], device=device, dtype=torch.float32)
+    with torch.no_grad():  # each row's out and lse from a call that covers it: what the backward reads
+        for call, (ks, vs) in calls:
+            o, l = plan.forward(call, q, ks, vs)
+            out[call.q_sel], lse[call.q_sel] = o, l
+    lse_k, dout = lse.transpose(0, 1).contiguous(), torch.randn_like(q)
+
+    def step():
+        with torch.no_grad():
+            for call, (ks, vs) in calls:
+                plan.forward(call, q, ks, vs)
+                if not fwd_only:
+                    plan.backward(call, dout, q, ks, vs, out, lse_k)
+    return step, [plan.kernel.name]
 
 
 def make_inputs(args, kv, rows, device, dtype, seed):
@@ -129,22 +136,21 @@ def calls_step(calls, q, k, v, backend, fwd_only):
     """One iteration of ``calls`` (forward, and backward with the forward's out and lse) on rows of q, k, v."""
     prepared = []
     for c in calls:
-        device = q.device
-        qb, kb, vb = (t.index_select(0, i.to(device)) for t, i in ((q, c.q_index), (k, c.k_index), (v, c.k_index)))
-        cu_q, cu_k = c.cu_q.to(device), c.cu_k.to(device)
-        kernel = select_kernel(backend, qb[None], kb[None], c.causal, c.window)
-        kw = dict(causal=c.causal, window=c.window)
-        out, lse = kernel.forward_varlen(qb, kb, vb, cu_q, cu_k, **kw)
-        prepared.append((kernel, qb, kb, vb, cu_q, cu_k, kw, out, lse, torch.randn_like(out)))
+        qb, kb, vb = (t.index_select(0, c.index.to(q.device)) for t in (q, k, v))
+        cu = c.cu.to(q.device)
+        kernel = select_kernel(backend, qb[None], kb[None], True, c.window)
+        kw = dict(causal=True, window=c.window)
+        out, lse = kernel.forward_varlen(qb, kb, vb, cu, cu, **kw)
+        prepared.append((kernel, qb, kb, vb, cu, kw, out, lse, torch.randn_like(out)))
 
     def step():
-        for kernel, qb, kb, vb, cu_q, cu_k, kw, out, lse, dout in prepared:
+        for kernel, qb, kb, vb, cu, kw, out, lse, dout in prepared:
             if fwd_only:
                 with torch.no_grad():
-                    kernel.forward_varlen(qb, kb, vb, cu_q, cu_k, **kw)
+                    kernel.forward_varlen(qb, kb, vb, cu, cu, **kw)
             else:
-                o, l = kernel.forward_varlen(qb, kb, vb, cu_q, cu_k, **kw)
-                kernel.backward_varlen(dout, qb, kb, vb, o, l, cu_q, cu_k, **kw)
+                o, l = kernel.forward_varlen(qb, kb, vb, cu, cu, **kw)
+                kernel.backward_varlen(dout, qb, kb, vb, o, l, cu, cu, **kw)
     return step, sorted({p[0].name for p in prepared})
 
 
@@ -178,6 +184,7 @@ def compute_side(args, device, dtype) -> list[dict]:
                 q, k, v = make_inputs(args, kv, total, device, dtype, args.seed)
                 step, base["kernel"] = calls_step([whole_batch_call(lengths, window)], q, k, v, args.backend, fwd_only)
                 base.update(common.time_iterations(step, args.warmup, args.iters, device))
+                (base["time_ms"],), _ = round_robin_times([step], args, device)  # as every rank is timed
                 base.update(common.throughput_fields(base, document_flops(args, lengths, window, fwd_only), 1))
             except Exception as exc:
                 base["error"] = common.error_text(exc)
@@ -197,15 +204,14 @@ def compute_side_config(args, lengths, window, P, layout, base, fields, device, 
     try:
         placement = LAYOUTS[layout](cu_seqlens(lengths), P, 1, window=window)
         record.update(placement_fields(placement))
-        T = placement.tokens_per_rank
-        q, k, v = (t for t in make_inputs(args, fields["kv_heads"], P * T, device, dtype, args.seed))
-        rank_ms, kernels = [], set()
+        steps, kernels = [], set()
         for r in range(P):
-            step, names = calls_step(rank_calls(placement, r), q, k, v, args.backend, fields["fwd_only"])
+            step, names = plan_step(placement, r, args, fields["kv_heads"], device, dtype, fields["fwd_only"])
+            steps.append(step)
             kernels.update(names)
-            rank_ms.append(common.time_iterations(step, args.warmup, args.iters, device)["time_ms"])
-            step = None  # noqa: F841
-        record.update(kernel=",".join(sorted(kernels)), rank_ms=rank_ms, time_ms=max(rank_ms))
+        rank_ms, rank_enqueue_ms = round_robin_times(steps, args, device)
+        record.update(kernel=",".join(sorted(kernels)), rank_ms=rank_ms, rank_enqueue_ms=rank_enqueue_ms,
+                      rounds=args.rounds, time_ms=max(rank_ms))
         record.update(common.throughput_fields(record, document_flops(args, lengths, window, fields["fwd_only"]), P))
         if base.get("error") is None:
             record.update(single_ms=base["time_ms"], perfect_ms=base["time_ms"] / P,
@@ -217,39 +223,62 @@ def compute_side_config(args, lengths, window, P, layout, base, fields, device, 
     return record
 
 
+def round_robin_times(steps, args, device) -> tuple[list[float], list[float]]:
+    """Each rank's median time (and host time to issue it) over ``args.rounds`` rounds, every round
+    timing ``args.iters`` iterations of each rank in turn: the GPU's state (clocks, caches) changes
+    over a configuration, and timing each rank once, one after another, charged it to the first."""
+    times: list[list[float]] = [[] for _ in steps]
+    enqueue: list[list[float]] = [[] for _ in steps]
+    for round_ in range(args.rounds):
+        for r, step in enumerate(steps):
+            timed = common.time_iterations(step, args.warmup if round_ == 0 else 1, args.iters, device)
+            times[r] += timed.get("times_ms", [timed["time_ms"]])
+            enqueue[r].append(timed.get("enqueue_ms") or 0.0)
+    return [statistics.median(t) for t in times], [statistics.median(e) for e in enqueue]
+
+
 # ---------------------------------------------------------------------------------------------
 # torchrun: every rank at once
 
 
 def ours_compute_only(args, placement, rank, kv, device, dtype, fwd_only):
-    """This rank's kernel calls with the others' K/V already in place: the buffers of all ranks are
-    made on every rank (the same seed), so no communication happens."""
-    q, k, v = make_inputs(args, kv, placement.ring_size * placement.tokens_per_rank, device, dtype, args.seed)
-    return calls_step(rank_calls(placement, rank), q, k, v, args.backend, fwd_only)
+    """This rank's kernel calls of the ring's plan, the K/V it would receive already in place (random):
+    no communication happens."""
+    return plan_step(placement, rank, args, kv, device, dtype, fwd_only)
 
 
-def ours_ring(args, lengths, window, layout, rank, kv, device, dtype, fwd_only):
-    """The ring itself: today's varlen ring for the per-document zigzag (the work-placed layout plugs
-    in here once the ring consumes a placement)."""
-    if layout not in RING_LAYOUTS:
-        raise NotImplementedError(f"the ring does not run the {layout} layout yet")
+def ours_ring(args, lengths, window, layout, placement, rank, kv, device, dtype, fwd_only):
+    """The ring itself over the batch as ``layout`` lays it out: the placed ring for ``placed`` (only
+    spanning documents' K/V travel), today's varlen ring for ``zigzag``."""
     from lightning_sp.core.attention import functional
+    from lightning_sp.core.attention.hybrid import packed_long_context_attention
     from lightning_sp.core.layout import shard_documents
 
     mesh = functional.ring_mesh()
-    shard = shard_documents(cu_seqlens(lengths), mesh, "zigzag")
+    ws = (-1 if window is None else window, 0)
     q, k, v = make_inputs(args, kv, sum(lengths), device, dtype, args.seed)
-    q, k, v = (shard.shard(t).requires_grad_(not fwd_only) for t in (q, k, v))
-    cu, ws = shard.cu_seqlens.to(device), (-1 if window is None else window, 0)
+    if layout == "placed":
+        q, k, v = (placement.shard(t, rank).requires_grad_(not fwd_only) for t in (q, k, v))
+
+        def attend():
+            return packed_long_context_attention((q, k, v), mesh, "zigzag", causal=True, window_size=ws,
+                                                 backend=args.backend, placement=placement)
+    else:
+        shard = shard_documents(cu_seqlens(lengths), mesh, "zigzag")
+        q, k, v = (shard.shard(t).requires_grad_(not fwd_only) for t in (q, k, v))
+        cu = shard.cu_seqlens.to(device)
+
+        def attend():
+            return functional.zigzag_ring_flash_attn_varlen_func(q, k, v, cu, shard.max_seqlen, causal=True,
+                                                                 window_size=ws)
     dout = torch.randn_like(q)
 
     def step():
         with torch.set_grad_enabled(not fwd_only):
-            out = functional.zigzag_ring_flash_attn_varlen_func(q, k, v, cu, shard.max_seqlen, causal=True,
-                                                                window_size=ws)
+            out = attend()
             if not fwd_only:
                 torch.autograd.grad(out, (q, k, v), dout)
-    return step, ["auto"]
+    return step, [args.backend]
 
 
 def torch_cp_step(args, lengths, window, kv, device, dtype, fwd_only):
@@ -311,9 +340,8 @@ def distributed(args, device, dtype, rank, world):
                 placement = LAYOUTS[layout](cu_seqlens(lengths), world, 1, window=window)
                 runs.append(("ours", layout, "compute_only", placement, lambda p=placement: ours_compute_only(
                     args, p, rank, kv, device, dtype, fwd_only)))
-                if layout in RING_LAYOUTS:
-                    runs.append(("ours", layout, "ring", placement, lambda layout=layout: ours_ring(
-                        args, lengths, window, layout, rank, kv, device, dtype, fwd_only)))
+                runs.append(("ours", layout, "ring", placement, lambda layout=layout, p=placement: ours_ring(
+                    args, lengths, window, layout, p, rank, kv, device, dtype, fwd_only)))
             runs.append(("torch_cp", "flex", None, None, lambda: torch_cp_step(args, lengths, window, kv, device, dtype,
                                                                                fwd_only)))
             for what, layout, path, placement, make in runs:
@@ -449,6 +477,8 @@ def parse_args(argv=None):
     p.add_argument("--compute_side", action="store_true",
                    help="one process: every rank's kernel calls one rank after another, for each P in --world")
     p.add_argument("--world", type=int, nargs="+", default=[2, 4, 8], help="ring sizes P of --compute_side")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="--compute_side: rounds of timing every rank in turn (each rank's median over all of them)")
     p.add_argument("--summarize", nargs="+", default=None, metavar="JSONL",
                    help="print the summary of these records and draw the figures (no benchmark run)")
     p.add_argument("--out_dir", default=None, help="where --summarize puts the figures (default: plots/ beside)")

@@ -51,7 +51,8 @@ def test_compute_side_records_and_summary(tmp_path, capsys):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert _module().main([*TINY, "--iters", "1", "--compute_side", "--world", "2", "4", "--out", out]) == 0
+        assert _module().main([*TINY, "--iters", "1", "--rounds", "2", "--compute_side", "--world", "2", "4",
+                               "--out", out]) == 0
     finally:
         torch.set_num_threads(threads)
     with open(out) as f:
@@ -66,7 +67,8 @@ def test_compute_side_records_and_summary(tmp_path, capsys):
         assert r["window"] == (8 if r["distribution"] == "window" else None)
         if r["name"] == "single_gpu":
             continue
-        assert len(r["rank_ms"]) == r["world"] and r["time_ms"] == max(r["rank_ms"])
+        assert len(r["rank_ms"]) == len(r["rank_enqueue_ms"]) == r["world"] and r["time_ms"] == max(r["rank_ms"])
+        assert r["rounds"] == 2
         assert r["efficiency"] == pytest.approx(r["single_ms"] / r["world"] / r["time_ms"])
         assert r["tokens_per_rank"] * r["world"] >= 256 and r["balance"] >= 1
         if r["layout"] == "zigzag":  # every document over every rank
@@ -87,8 +89,8 @@ def test_torchrun_records(tmp_path, capsys):
     records = _torchrun(["--distribution", "mixed", "window"], out)
     configs = [(r["name"], r["distribution"], r["layout"], r["path"]) for r in records]
     assert configs == [row for d in ("mixed", "window") for row in [
-        ("single_gpu", d, None, None), ("ours", d, "placed", "compute_only"), ("ours", d, "zigzag", "compute_only"),
-        ("ours", d, "zigzag", "ring"), ("torch_cp", d, "flex", None)]]
+        ("single_gpu", d, None, None), ("ours", d, "placed", "compute_only"), ("ours", d, "placed", "ring"),
+        ("ours", d, "zigzag", "compute_only"), ("ours", d, "zigzag", "ring"), ("torch_cp", d, "flex", None)]]
     for r in records:
         if r["name"] == "torch_cp":  # FlexAttention has no CPU backward: recorded, not raised
             assert "FlexAttention does not support backward on CPU" in r["error"]
