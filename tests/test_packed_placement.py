@@ -20,7 +20,7 @@ from lightning_sp import SPConfigError
 from lightning_sp.app.models.llama import LlamaConfig, LlamaForCausalLM
 from lightning_sp.core.attention.hybrid import SequenceContext
 from lightning_sp.core.attention.placed import count_sent_bytes
-from lightning_sp.core.mesh import rank_coordinates
+from lightning_sp.core.mesh import rank_coordinates, single_process_mesh
 from lightning_sp.integration.batch import DEFAULT_SHARD_KEYS, gather_sequence, prepare_batch
 from lightning_sp.integration.binding import bind_attention
 from lightning_sp.loss import exact_token_loss
@@ -133,3 +133,51 @@ def test_a_layer_over_a_placement_is_causal_and_takes_the_prepared_packing_only(
     assert context.placed(None, local["position_ids"], mesh) is context.placement  # Hugging Face's convention
     context.set(None)
     assert context.placement is None and context.placed(None, None, mesh) is None
+
+
+def user_bound_job(ulysses: int, ring: int, ring_impl: str):
+    """On every rank: a LongContextAttention bound to the mesh by hand (no strategy, no sequence
+    context) given the cu_seqlens of prepare_batch's placed batch; the largest relative error of
+    the output and of dq, dk, dv against one process, float64."""
+    torch.manual_seed(0)
+    mesh = lightning_sp.build_mesh(lightning_sp.SPConfig(ulysses_degree=ulysses, ring_degree=ring,
+                                                         world_size=dist.get_world_size()), device_type="cpu")
+    batch = _batch()
+    N, keys = batch["input_ids"].shape[1], ("q", "k", "v", "dout")
+    batch.update({name: torch.randn(1, N, 4, 8, dtype=torch.float64) for name in keys})
+    full = [batch[name][0].clone().requires_grad_(name != "dout") for name in keys]
+    want = lightning_sp.packed_long_context_attention(full[:3], single_process_mesh(), "zigzag", causal=True,
+                                                      cu_seqlens=batch["cu_seqlens"])
+    want.backward(full[3])
+    local, info = prepare_batch(batch, mesh, shard_keys=("input_ids", *keys))
+    q, k, v = (local[name][0].clone().requires_grad_() for name in keys[:3])
+    layer = lightning_sp.LongContextAttention(mesh, ring_impl=ring_impl)
+    out = layer(q, k, v, causal=True, cu_seqlens=local["cu_seqlens"])
+    out.backward(local["dout"][0])
+    got = [out.detach(), q.grad, k.grad, v.grad]
+    return info.placement is not None, max(rel(gather_sequence(g, info, dim=0), w)
+                                           for g, w in zip(got, [want.detach(), *(x.grad for x in full[:3])]))
+
+
+@pytest.mark.parametrize("world,ulysses,ring,ring_impl", [(2, 1, 2, "contiguous"), (4, 2, 2, "zigzag")])
+def test_a_user_bound_layer_attends_over_the_placement_its_cu_seqlens_carry(worlds, world, ulysses, ring, ring_impl):
+    for placed, error in worlds(world).run(user_bound_job, ulysses, ring, ring_impl, timeout=TIMEOUT):
+        assert placed and error < TOL, error
+
+
+def padded_spread_job():
+    """On every rank: non-causal attention given the cu_seqlens of a batch spread with padded
+    documents; the error it raised."""
+    mesh = lightning_sp.build_mesh(lightning_sp.SPConfig(ring_degree=2, world_size=2), device_type="cpu")
+    local, _ = prepare_batch(_batch(), mesh, document_placement="spread")
+    q = torch.zeros(local["input_ids"].shape[1], 2, 4, dtype=torch.float64)
+    try:
+        lightning_sp.LongContextAttention(mesh)(q, q, q, causal=False, cu_seqlens=local["cu_seqlens"])
+    except SPConfigError as err:
+        return str(err)
+    return None
+
+
+def test_non_causal_attention_over_padded_spread_documents_raises_on_every_rank(worlds):
+    for message in worlds(2).run(padded_spread_job, timeout=TIMEOUT):
+        assert message is not None and "lengths [3, 2, 2, 1, 2, 2, 9]" in message and "multiple of 4" in message, message

@@ -22,7 +22,8 @@
 Where a packed batch's documents go is the mesh config's ``document_placement``: by default
 (``"work"``, over a ring of several ranks) :func:`~lightning_sp.core.placement.place_documents`
 places them on the ring ranks by causal work, short documents whole on one rank, and the attention
-layers attend over that placement (the strategy puts it in their sequence context); ``"spread"``
+layers attend over that placement (the local ``cu_seqlens`` carry it, and the strategy puts it in
+their sequence context for calls without them); ``"spread"``
 splits every document over every ring rank with the layout
 (:func:`~lightning_sp.core.layout.shard_documents`). Either way every rank computes the same
 placement from the batch alone, and :func:`gather_sequence` undoes it.
@@ -55,6 +56,7 @@ from ..core import layout as L
 from ..core.config import check_document_placement
 from ..core.errors import SPConfigError
 from ..core.mesh import SPMesh, single_process_mesh
+from ..core.packing import PaddedDocuments, record_packing
 from ..core.placement import DocumentPlacement, place_documents
 from .agreement import agree_on_batch
 
@@ -117,9 +119,11 @@ def prepare_batch(batch: Mapping, mesh: SPMesh | None = None, *, layout: str | N
         agree: check with the other ranks of the mesh (a collective; False for index maths without
             process groups, where ``num_items_in_batch`` counts this batch's tokens only).
         document_placement: where a packed batch's documents go, ``work`` or ``spread`` (see the
-            module doc); default the mesh config's. A batch placed by work (``shard_info.placement``)
-            is attended right only by layers whose :class:`~lightning_sp.core.attention.hybrid.SequenceContext`
-            holds that placement, as the strategies set it; layers given only ``cu_seqlens`` need ``spread``.
+            module doc); default the mesh config's. The local ``cu_seqlens`` carry how the documents
+            were laid out (:mod:`lightning_sp.core.packing`): attention given them attends over a
+            batch's placement by work (``shard_info.placement``, causal only) and refuses attention
+            that is not causal over documents that got padding. A model called without them (positions
+            only) needs its layers bound to a sequence context that holds the placement, as the strategy does.
 
     Returns:
         ``(local_batch, shard_info)``; ``local_batch["shard_info"]`` is ``shard_info``.
@@ -291,8 +295,12 @@ class _Plan:
     def _apply_packed(self, out: dict, full: dict, fills: dict) -> tuple[dict, ShardInfo]:
         packed = L.shard_documents(self.cu, self.mesh, self.layout)
         info = ShardInfo(packed.total_tokens, len(packed.slot_to_token), self.layout, self.mesh, packed)
+        lengths = self.cu.diff()[self.cu.diff() > 0]
+        padded = lengths[packed.padded_cu_seqlens.diff()[:len(lengths)] != lengths].tolist()
+        multiple = L.ring_multiple(self.layout, self.mesh.ring_size)
         return self._documents(out, full, fills, info, lambda x, dim, pad: packed.shard(x, dim=dim, pad_value=pad),
-                               packed.position_ids, packed.cu_seqlens)
+                               packed.position_ids, packed.cu_seqlens,
+                               PaddedDocuments(tuple(padded), multiple) if padded else None)
 
     def _apply_placed(self, out: dict, full: dict, fills: dict) -> tuple[dict, ShardInfo]:
         P, r, u = self.placement, self.mesh.ring_rank, self.mesh.ulysses_rank
@@ -302,11 +310,12 @@ class _Plan:
             # cu_seqlens ends at the ring rank's tokens as shard_documents' padding document makes it
             cu = torch.cat([cu, cu.new_tensor([P.tokens_per_rank])])
         return self._documents(out, full, fills, info, lambda x, dim, pad: P.shard(x, r, u, dim=dim, pad_value=pad),
-                               P.position_ids[r].chunk(P.ulysses_size)[u], cu)
+                               P.position_ids[r].chunk(P.ulysses_size)[u], cu, P)
 
-    def _documents(self, out, full, fills, info, shard, positions, cu) -> tuple[dict, ShardInfo]:
+    def _documents(self, out, full, fills, info, shard, positions, cu, packing) -> tuple[dict, ShardInfo]:
         """The packed batch's local tensors (``shard(x, dim, pad_value)``), within-document
-        ``positions`` and local ``cu_seqlens`` of this rank (those of its ring rank's tokens)."""
+        ``positions`` and local ``cu_seqlens`` of this rank (those of its ring rank's tokens), which
+        carry ``packing`` (the placement, padded documents or None, see :mod:`lightning_sp.core.packing`)."""
         device = full[self.keys[0]].device
         if not self.positions_given:  # within-document positions (those that restart at 0 are these)
             full.pop("position_ids", None)
@@ -316,6 +325,8 @@ class _Plan:
             out[k] = shard(x, self.dims[k], fills[k])
         max_seqlen = out["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
         cu = out["cu_seqlens"] = cu.to(device)
+        if packing is not None:
+            record_packing(cu, packing)
         # the same, under the names Hugging Face models pass on to attention, so model(**batch) works
         out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
         out[SHARD_INFO] = info

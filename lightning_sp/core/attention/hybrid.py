@@ -9,6 +9,8 @@ from ..kernels import check_backend
 from ..layout import canonical_layout
 from ..errors import SPConfigError
 from ..mesh import SPMesh, single_process_mesh
+from ..packing import PaddedDocuments, recorded_packing, same_tensor
+from ..placement import DocumentPlacement
 from .ring import RingSpec, ring_backward, ring_forward
 from .ulysses import HeadGather, HeadScatter, check_heads, choose_head_groups, replicated_kv_heads
 
@@ -112,10 +114,22 @@ def packed_long_context_attention(inputs, mesh: SPMesh, layout: str, *, causal=F
     With ``return_lse`` also the log-sum-exp in float32, (b, S/R, H/U) or (t*U, H/U) for packed
     documents: the rows and heads this rank attended (the ring's sequence shard, its Ulysses heads).
     ``placement``: packed documents placed by work (a ``placement.DocumentPlacement``, instead of
-    ``cu_seqlens``; see :mod:`lightning_sp.core.attention.placed`)."""
+    ``cu_seqlens``; see :mod:`lightning_sp.core.attention.placed`). The ``cu_seqlens`` of a batch
+    prepared by ``prepare_batch`` carry its layout (:mod:`lightning_sp.core.packing`): those of a
+    batch placed by work attend over its placement."""
+    if cu_seqlens is not None and placement is None:
+        placement = _check_recorded_packing(cu_seqlens, causal, window_size)
+        if placement is not None:
+            cu_seqlens = max_seqlen = None
     if placement is not None:
         if cu_seqlens is not None:
             raise SPConfigError("pass either cu_seqlens or placement, not both (a placement has its own)")
+        if not causal:
+            raise SPConfigError(
+                "attention that is not causal over a batch whose documents are placed by work "
+                "(document_placement='work', the default): the placement pads split documents at their ends, "
+                "which only causal attention hides; give the strategy (or prepare_batch) document_placement='spread' "
+                "(documents whose lengths need no padding), or call with causal=True")
         from .placed import placed_long_context_attention
         return placed_long_context_attention(inputs, mesh, placement, causal=causal, softmax_scale=softmax_scale,
                                              window=normalize_window(window_size), backend=backend,
@@ -159,6 +173,19 @@ def packed_long_context_attention(inputs, mesh: SPMesh, layout: str, *, causal=F
     if varlen:
         out = out[0]
     return (out, lse) if return_lse else out
+
+
+def _check_recorded_packing(cu_seqlens, causal, window_size) -> DocumentPlacement | None:
+    """The placement that prepared ``cu_seqlens`` carry, if any; an error where they describe padded
+    documents that the call's attention would see."""
+    packing = recorded_packing(cu_seqlens)
+    if isinstance(packing, PaddedDocuments) and not causal and normalize_window(window_size)[1] != 0:
+        raise SPConfigError(
+            f"attention that is not causal over packed documents of lengths {list(packing.lengths[:8])}"
+            f"{'...' if len(packing.lengths) > 8 else ''}, which batch preparation padded at their ends to a "
+            f"multiple of {packing.multiple} (the layout's) where this attention sees the padding; make every "
+            f"document's length a multiple of {packing.multiple}, or call with causal=True")
+    return packing if isinstance(packing, DocumentPlacement) else None
 
 
 def _check_varlen(cu, local_tokens, layout, mesh):
@@ -209,7 +236,7 @@ class SequenceContext:
         prepared tensor itself."""
         if self.cu_seqlens is None:
             return None, None
-        if position_ids is not None and not _same_tensor(position_ids, self._checked):
+        if position_ids is not None and not same_tensor(position_ids, self._checked):
             prepared = self.position_ids
             same = (position_ids.numel() == prepared.numel()
                     and torch.equal(position_ids.reshape(-1), prepared.reshape(-1).to(position_ids.device)))
@@ -230,7 +257,7 @@ class SequenceContext:
             return None
         if cu_seqlens is None:
             self.packing(position_ids, mesh)
-        elif not _same_tensor(cu_seqlens, self._checked_cu):
+        elif not same_tensor(cu_seqlens, self._checked_cu):
             given = torch.as_tensor(cu_seqlens).reshape(-1).to("cpu", torch.int64)
             prepared = self.cu_seqlens.reshape(-1).to("cpu", torch.int64)
             same = given.shape == prepared.shape and torch.equal(given, prepared)
@@ -251,12 +278,6 @@ def _agreed(same: bool, device, mesh: SPMesh) -> bool:
         dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=mesh.sp_group)
         return bool(verdict.item())
     return same
-
-
-def _same_tensor(a, b) -> bool:
-    """The same tensor or a view of it with the same layout (e.g. detached for recomputation)."""
-    return b is not None and (a is b or (a.device == b.device and a.data_ptr() == b.data_ptr()
-                                         and a.shape == b.shape and a.stride() == b.stride()))
 
 
 class LongContextAttention(nn.Module):
@@ -312,7 +333,8 @@ class LongContextAttention(nn.Module):
         ``(1, local_seq, heads, head_dim)`` in and out); ``position_ids``, where given, must be the
         prepared batch's. Where the context holds the batch's document placement (documents placed
         by work), the layer attends over it, causally, and ``cu_seqlens``, where given, must be the
-        prepared batch's."""
+        prepared batch's. The ``cu_seqlens`` of a batch that ``prepare_batch`` placed by work carry
+        the placement: a layer given them attends over it with or without a context."""
         return self._attend((q, k, v), causal, softmax_scale, window_size, cu_seqlens, max_seqlen, position_ids)
 
     def _attend(self, inputs, causal, softmax_scale, window_size, cu_seqlens, max_seqlen, position_ids=None):
@@ -330,12 +352,6 @@ class LongContextAttention(nn.Module):
                                         f"{inputs[0].shape[0]} rows; call the model on the prepared batch")
                 inputs = [x[0] for x in inputs]
         if placement is not None:
-            if not causal:
-                raise SPConfigError(
-                    "attention that is not causal over a batch whose documents are placed by work "
-                    "(document_placement='work', the default): the placement pads split documents at their ends, "
-                    "which only causal attention hides; give the strategy document_placement='spread' (documents "
-                    "whose lengths need no padding), or call with causal=True")
             cu_seqlens = max_seqlen = None  # the placement has its own
         out = packed_long_context_attention(
             inputs, mesh, self.ring_impl, causal=causal, softmax_scale=softmax_scale,
