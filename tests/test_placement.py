@@ -53,14 +53,14 @@ def check_layout(p: P.DocumentPlacement, lengths) -> None:
     """Every token once; every document whole on one rank or in zigzag pieces over its sub-ring with the
     least padding; spanning pieces first, filler last; positions, cu_seqlens and buffer sizes agree."""
     R, U, T = p.ring_size, p.ulysses_size, p.tokens_per_rank
-    assert T % U == 0 and len(p.token_index) == len(p.pieces) == R
+    assert T % U == 0 and len(p.pieces) == R
     assert [d.length for d in p.documents] == [n for n in lengths if n > 0]
-    real = torch.cat(p.token_index)
+    real = torch.cat([p.token_index(r) for r in range(R)])
     assert torch.equal(real[real >= 0].sort().values, torch.arange(sum(lengths)))  # every token exactly once
     for r in range(R):
-        assert p.token_index[r].shape == p.position_ids[r].shape == (T,)
+        assert p.token_index(r).shape == p.position_ids(r).shape == (T,)
         used = int(p.cu_seqlens[r][-1])
-        assert (p.token_index[r][used:] == -1).all() and (p.position_ids[r][used:] == 0).all()  # filler at the end
+        assert (p.token_index(r)[used:] == -1).all() and (p.position_ids(r)[used:] == 0).all()  # filler at the end
         spans = [p.documents[d].spans for d, _ in p.pieces[r]]
         assert spans == sorted(spans, reverse=True)  # spanning pieces first
     for d, doc in enumerate(p.documents):
@@ -75,17 +75,18 @@ def check_layout(p: P.DocumentPlacement, lengths) -> None:
             piece = slice(at, at + doc.piece_length)
             assert int(p.cu_seqlens[rank][p.pieces[rank].index((d, j))]) == at
             pos = ring_rank_indices(doc.padded_length, "zigzag", k, j) if k > 1 else torch.arange(doc.length)
-            assert torch.equal(p.position_ids[rank][piece], pos)
-            assert torch.equal(p.token_index[rank][piece], torch.where(pos < doc.length, pos + doc.start, -1))
+            assert torch.equal(p.position_ids(rank)[piece], pos)
+            assert torch.equal(p.token_index(rank)[piece], torch.where(pos < doc.length, pos + doc.start, -1))
 
 
 def brute_force_pairs(p: P.DocumentPlacement) -> list[int]:
     """Per ring rank: query slots times the key slots anywhere on the ring of the same document at
     positions within [pos - window, pos]."""
-    docs, pos = torch.cat(slot_docs(p)), torch.cat(p.position_ids)
+    docs, pos = torch.cat(slot_docs(p)), torch.cat([p.position_ids(r) for r in range(p.ring_size)])
     window = p.window if p.window is not None else 1 << 40
     out = []
-    for r, (dq, pq) in enumerate(zip(slot_docs(p), p.position_ids)):
+    for r, dq in enumerate(slot_docs(p)):
+        pq = p.position_ids(r)
         ok = (dq[:, None] == docs[None]) & (dq[:, None] >= 0)
         gap = pq[:, None] - pos[None]
         out.append(int((ok & (gap >= 0) & (gap <= window)).sum()))
@@ -96,7 +97,7 @@ def check_blocks(p: P.DocumentPlacement, window=...) -> None:
     """The blocks of every ring step for a left ``window`` (default: the placement's) cover exactly the
     attention mask, each (query, key) pair once."""
     R, T = p.ring_size, p.tokens_per_rank
-    docs, pos = torch.cat(slot_docs(p)), torch.cat(p.position_ids)
+    docs, pos = torch.cat(slot_docs(p)), torch.cat([p.position_ids(r) for r in range(p.ring_size)])
     left = p.window if window is ... else window
     left = left if left is not None else 1 << 40
     for r in range(R):
@@ -108,7 +109,7 @@ def check_blocks(p: P.DocumentPlacement, window=...) -> None:
                 mask = block_mask(b.q_stop - b.q_start, b.k_stop - b.k_start, b.causal, b.window, "cpu")
                 got[b.q_start:b.q_stop, b.source * T + b.k_start:b.source * T + b.k_stop] += (
                     1 if mask is None else mask.long())
-        dq, pq = slot_docs(p)[r], p.position_ids[r]
+        dq, pq = slot_docs(p)[r], p.position_ids(r)
         gap = pq[:, None] - pos[None]
         want = (dq[:, None] == docs[None]) & (dq[:, None] >= 0) & (gap >= 0) & (gap <= left)
         assert torch.equal(got, want.long())
@@ -231,8 +232,8 @@ def test_spread_is_todays_per_document_zigzag(ring):
     spread = P.spread_documents(cu(lengths), ring)
     for r in range(ring):
         today = shard_documents(cu(lengths), rank_coordinates(ring, 1, r), "zigzag")
-        assert torch.equal(spread.token_index[r], today.token_index)
-        assert torch.equal(spread.position_ids[r], today.position_ids)
+        assert torch.equal(spread.token_index(r), today.token_index)
+        assert torch.equal(spread.position_ids(r), today.position_ids)
         assert torch.equal(spread.cu_seqlens[r], today.cu_seqlens)
 
 
@@ -270,7 +271,7 @@ def test_shard_and_local_indices():
     for r in range(2):
         for u in range(2):
             idx = p.local_indices(r, u)
-            assert torch.equal(idx, p.token_index[r].chunk(2)[u]) and len(idx) == p.tokens_per_rank // 2
+            assert torch.equal(idx, p.token_index(r).chunk(2)[u]) and len(idx) == p.tokens_per_rank // 2
             got = p.shard(x, r, u, dim=0, pad_value=-5)
             assert torch.equal(got[:, 0], torch.where(idx >= 0, idx * 10, -5))
     assert torch.equal(p.shard(x.t(), 1, 0, dim=1), p.shard(x, 1, 0).t())

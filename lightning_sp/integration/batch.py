@@ -310,7 +310,7 @@ class _Plan:
             # cu_seqlens ends at the ring rank's tokens as shard_documents' padding document makes it
             cu = torch.cat([cu, cu.new_tensor([P.tokens_per_rank])])
         return self._documents(out, full, fills, info, lambda x, dim, pad: P.shard(x, r, u, dim=dim, pad_value=pad),
-                               P.position_ids[r].chunk(P.ulysses_size)[u], cu, P)
+                               P.position_ids(r).chunk(P.ulysses_size)[u], cu, P)
 
     def _documents(self, out, full, fills, info, shard, positions, cu, packing) -> tuple[dict, ShardInfo]:
         """The packed batch's local tensors (``shard(x, dim, pad_value)``), within-document
