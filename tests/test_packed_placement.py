@@ -181,3 +181,14 @@ def padded_spread_job():
 def test_non_causal_attention_over_padded_spread_documents_raises_on_every_rank(worlds):
     for message in worlds(2).run(padded_spread_job, timeout=TIMEOUT):
         assert message is not None and "lengths [3, 2, 2, 1, 2, 2, 9]" in message and "multiple of 4" in message, message
+
+
+def test_copy_engine_refuses_documents_that_span_ranks():
+    from lightning_sp.core.attention.placed import check_placement
+    from lightning_sp.core.placement import place_documents
+
+    mesh = rank_coordinates(2, 1, 0).with_config(transport="copy_engine")
+    placement = place_documents(torch.tensor([0, 16]), 2)  # one document, over both ring ranks
+    with pytest.raises(SPConfigError, match=r"'copy_engine' cannot send .* use transport 'auto' or 'nccl', or lay the "
+                                            r"documents out .*\(document_placement='spread', layout.shard_documents\)"):
+        check_placement(placement, mesh, placement.tokens_per_rank, True, (None, None))

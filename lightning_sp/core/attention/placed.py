@@ -122,7 +122,8 @@ def check_placement(placement: DocumentPlacement, mesh, local_tokens: int, causa
                             f"window {window}; call with causal=True and window_size=(left, 0) (left -1: unbounded)")
     if mesh.config.transport == "copy_engine" and any(doc.spans for doc in placement.documents):
         raise SPConfigError("transport 'copy_engine' cannot send to the arbitrary peers of a placement's "
-                            "sub-rings; use transport 'auto' or 'nccl'")
+                            "sub-rings; use transport 'auto' or 'nccl', or lay the documents out over every ring "
+                            "rank (document_placement='spread', layout.shard_documents)")
 
 
 def placed_spec(spec: RingSpec, placement: DocumentPlacement) -> RingSpec:
