@@ -137,9 +137,10 @@ def calls_step(calls, q, k, v, backend, fwd_only):
     prepared = []
     for c in calls:
         qb, kb, vb = (t.index_select(0, c.index.to(q.device)) for t in (q, k, v))
+        longest = int((c.cu[1:] - c.cu[:-1]).max())  # given to the kernel, as the ring does
         cu = c.cu.to(q.device)
         kernel = select_kernel(backend, qb[None], kb[None], True, c.window)
-        kw = dict(causal=True, window=c.window)
+        kw = dict(causal=True, window=c.window, max_seqlen=(longest, longest))
         out, lse = kernel.forward_varlen(qb, kb, vb, cu, cu, **kw)
         prepared.append((kernel, qb, kb, vb, cu, kw, out, lse, torch.randn_like(out)))
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ..kernels import check_auto_fallback, select_kernel
 from ..layout import BlockPair, square_causal
 from ..placement import DocumentPlacement
-from .ring import BlockCall, RingSpec, StepPlan
+from .ring import BlockCall, RingSpec, StepPlan, span_rows, to_device
 
 _byte_counters: list[list] = []  # active count_sent_bytes() records
 
@@ -106,19 +106,20 @@ class PlacedPlan(StepPlan):
             groups.setdefault((*kind, n), []).append((p.q_start, p.q_stop, p.k_start, p.k_stop))
         calls = []
         for (causal, window, _), ranges in groups.items():
-            q_sel, cu_q = self._selection([(a, b) for a, b, _, _ in ranges], self.n_local)
-            k_sel, cu_k = self._selection([(c, d) for _, _, c, d in ranges], n_keys)
-            calls.append(BlockCall(q_sel, k_sel, causal, window, cu_q, cu_k))
+            q_spans, k_spans = [(a, b) for a, b, _, _ in ranges], [(c, d) for _, _, c, d in ranges]
+            q_sel, cu_q = self._selection(q_spans, self.n_local)
+            k_sel, cu_k = self._selection(k_spans, n_keys)
+            longest = (max(b - a for a, b in q_spans), max(b - a for a, b in k_spans))
+            calls.append(BlockCall(q_sel, k_sel, causal, window, cu_q, cu_k, longest))
         return calls
 
     def _selection(self, spans, n):
         """A slice where the spans are contiguous (the whole slice only for all n rows), else an index."""
-        lengths = [b - a for a, b in spans]
-        cu = torch.tensor([0, *lengths], device=self.device).cumsum(0).to(torch.int32)
+        cu = to_device(list(accumulate((b - a for a, b in spans), initial=0)), torch.int32, self.device)
         if all(b == c for (_, b), (c, _) in zip(spans[:-1], spans[1:])):
             start, stop = spans[0][0], spans[-1][1]
             return (slice(None) if (start, stop) == (0, n) else slice(start, stop)), cu
-        return torch.cat([torch.arange(a, b) for a, b in spans]).to(self.device), cu
+        return to_device(span_rows(spans), torch.int64, self.device), cu
 
     # --- the messages ---------------------------------------------------------------------
     def shape(self, s: int, like: torch.Tensor) -> tuple:

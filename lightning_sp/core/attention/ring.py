@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import accumulate
 
 import torch
 
@@ -42,6 +43,12 @@ class BlockCall:
     window: tuple
     cu_q: torch.Tensor | None = None
     cu_k: torch.Tensor | None = None
+    max_seqlen: tuple[int, int] | None = None  # the longest (query, key) document: known here, not read back
+
+    @property
+    def varlen(self) -> dict:
+        """The varlen kernel arguments of the call."""
+        return dict(max_seqlen=self.max_seqlen)
 
 
 class StepPlan:
@@ -115,17 +122,18 @@ class StepPlan:
         return [self._varlen_call(causal, window, ranges) for (causal, window, _), ranges in groups.items()]
 
     def _varlen_call(self, causal, window, ranges) -> BlockCall:
-        def selection(spans):
-            lengths = [b - a for a, b in spans]
-            cu = torch.tensor([0, *lengths], device=self.device).cumsum(0).to(torch.int32)
-            if spans == _doc_spans(self.spec.cu_seqlens):
-                return slice(None), cu
-            index = torch.cat([torch.arange(a, b) for a, b in spans]).to(self.device)
-            return index, cu
+        whole = _doc_spans(self.spec.cu_seqlens)
 
-        q_sel, cu_q = selection([(a, b) for a, b, _, _ in ranges])
-        k_sel, cu_k = selection([(c, d) for _, _, c, d in ranges])
-        return BlockCall(q_sel, k_sel, causal, window, cu_q, cu_k)
+        def selection(spans):
+            cu = to_device(list(accumulate((b - a for a, b in spans), initial=0)), torch.int32, self.device)
+            if spans == whole:
+                return slice(None), cu
+            return to_device(span_rows(spans), torch.int64, self.device), cu
+
+        q_spans, k_spans = [(a, b) for a, b, _, _ in ranges], [(c, d) for _, _, c, d in ranges]
+        (q_sel, cu_q), (k_sel, cu_k) = selection(q_spans), selection(k_spans)
+        longest = (max(b - a for a, b in q_spans), max(b - a for a, b in k_spans))
+        return BlockCall(q_sel, k_sel, causal, window, cu_q, cu_k, longest)
 
     def forward(self, call: BlockCall, q, k, v):
         """(out, lse in row layout: (b, s, h) or (t, h)) of one block call."""
@@ -135,7 +143,7 @@ class StepPlan:
         if call.cu_q is None:
             out, lse = self.kernel.forward(qb, kb, vb, **kw)
         else:
-            out, lse = self.kernel.forward_varlen(qb, kb, vb, call.cu_q, call.cu_k, **kw)
+            out, lse = self.kernel.forward_varlen(qb, kb, vb, call.cu_q, call.cu_k, **kw, **call.varlen)
         return out, lse.transpose(-1, -2)
 
     def backward(self, call: BlockCall, dout, q, k, v, out, lse_k, into=(None, None, None)):
@@ -146,7 +154,21 @@ class StepPlan:
         kw = dict(causal=call.causal, softmax_scale=self.spec.softmax_scale, window=call.window)
         if call.cu_q is None:
             return self.kernel.backward(*args, **kw, into=into)
-        return self.kernel.backward_varlen(*args, call.cu_q, call.cu_k, **kw)
+        return self.kernel.backward_varlen(*args, call.cu_q, call.cu_k, **kw, **call.varlen)
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host-known ints (a list or a CPU tensor) on ``device`` without waiting for the device: a copy
+    from pageable memory first waits for the stream's queued work, one from pinned memory does not."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def span_rows(spans) -> torch.Tensor:
+    """The rows of ``spans`` [(start, stop)], in order, as one CPU index."""
+    return torch.cat([torch.arange(a, b) for a, b in spans])
 
 
 def _slice(start: int, stop: int, n: int) -> slice:

@@ -90,7 +90,11 @@ class BlockKernel:
         raise NotImplementedError
 
     # --- varlen: document by document unless a backend overrides -------------------------
-    def forward_varlen(self, q, k, v, cu_q, cu_k, *, causal=False, softmax_scale=None, window=NO_WINDOW):
+    def forward_varlen(self, q, k, v, cu_q, cu_k, *, causal=False, softmax_scale=None, window=NO_WINDOW,
+                       max_seqlen=None):
+        """Documents ``cu_q`` of q against ``cu_k`` of k, v (packed, no batch dim). ``max_seqlen``: the
+        longest (query, key) document where the caller knows it (a kernel that needs it then does not
+        read the device's cu tensors back)."""
         outs, lses = [], []
         for (qa, qb), (ka, kb) in _doc_bounds(cu_q, cu_k):
             o, l = self.forward(q[None, qa:qb], k[None, ka:kb], v[None, ka:kb], causal=causal,
@@ -100,7 +104,8 @@ class BlockKernel:
         return torch.cat(outs), torch.cat(lses, dim=-1)
 
     def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, *, causal=False, softmax_scale=None,
-                        window=NO_WINDOW):
+                        window=NO_WINDOW, max_seqlen=None):
+        """Gradients of :meth:`forward_varlen`."""
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for (qa, qb), (ka, kb) in _doc_bounds(cu_q, cu_k):
             g = self.backward(dout[None, qa:qb], q[None, qa:qb], k[None, ka:kb], v[None, ka:kb],

@@ -62,25 +62,30 @@ class FA4Kernel(BlockKernel):
         return tuple(_interface()._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=causal,
                                                   dq=dq, dk=dk, dv=dv, **_window_args(window))[:3])
 
-    def forward_varlen(self, q, k, v, cu_q, cu_k, *, causal=False, softmax_scale=None, window=(None, None)):
+    def forward_varlen(self, q, k, v, cu_q, cu_k, *, causal=False, softmax_scale=None, window=(None, None),
+                       max_seqlen=None):
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        max_q, max_k = _max_lens(cu_q, cu_k, max_seqlen)
         out, lse = _interface()._flash_attn_fwd(
-            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=_max_len(cu_q),
-            max_seqlen_k=_max_len(cu_k), softmax_scale=scale, causal=causal, return_lse=True,
-            **_window_args(window))[:2]
+            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
+            softmax_scale=scale, causal=causal, return_lse=True, **_window_args(window))[:2]
         return out, lse
 
     def backward_varlen(self, dout, q, k, v, out, lse, cu_q, cu_k, *, causal=False, softmax_scale=None,
-                        window=(None, None)):
+                        window=(None, None), max_seqlen=None):
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        max_q, max_k = _max_lens(cu_q, cu_k, max_seqlen)
         return _interface()._flash_attn_bwd(
             q, k, v, out, dout, lse, softmax_scale=scale, causal=causal, cu_seqlens_q=cu_q,
-            cu_seqlens_k=cu_k, max_seqlen_q=_max_len(cu_q), max_seqlen_k=_max_len(cu_k),
-            **_window_args(window))[:3]
+            cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, **_window_args(window))[:3]
 
 
-def _max_len(cu):
-    return int((cu[1:] - cu[:-1]).max())
+def _max_lens(cu_q, cu_k, known) -> tuple[int, int]:
+    """The longest query and key documents: ``known`` where the caller gives them (reading them from
+    the cu tensors waits for the GPU)."""
+    if known is not None:
+        return known
+    return int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
 
 
 fa4 = register(FA4Kernel(), auto_rank=0)
