@@ -595,3 +595,23 @@ def test_compile_blocks_under_fsdp_matches_eager(worlds, mode):
     """FSDP's hooks are on the layers, outside the compiled functions: they gather the parameters the
     compiled parts then read, and the sequence-parallel attention's collectives stay eager."""
     worlds(2).run(_fsdp_compile_case, mode, "aot_eager", timeout=180)
+
+
+def test_mfu_of_a_packed_row_counts_attention_document_by_document():
+    """Two packed documents of 6 and 10 tokens: the logged FLOPs per token (MFU x peak / tokens per s)
+    hold attention over 6^2 + 10^2 pairs' worth, not 16^2."""
+    from lightning_sp.app.lm import CausalLM
+
+    model = tiny()
+    module, logged = CausalLM(model, peak_tflops=1.0), {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    ids = torch.randint(1, 50, (1, 16))
+    batch = {"input_ids": ids, "labels": ids, "cu_seqlens": torch.tensor([0, 6, 16])}
+    module.on_train_batch_start(batch, 0)
+    module.training_step(batch, 0)
+    module.on_train_batch_end(None, batch, 0)
+    c = model.config
+    flops = logged["train/mfu"] * 1e12 / logged["train/tokens_per_s"]
+    dense = 6 * (c.num_params() - c.vocab_size * c.hidden_size)
+    attention = 12 * c.num_heads * c.head_dim * c.num_layers * (6 ** 2 + 10 ** 2) / 2 / 16
+    assert flops == pytest.approx(dense + attention, rel=1e-9)

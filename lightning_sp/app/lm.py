@@ -1,7 +1,8 @@
 """A LightningModule for causal-LM training and sequence-parallel prefill.
 
 It trains :class:`lightning_sp.models.LlamaForCausalLM` or a Hugging Face causal LM with the exact
-token-mean loss, whatever the sharding and padding, and logs the loss, tokens/s and MFU. Batches
+token-mean loss, whatever the sharding and padding, and logs the loss, tokens/s (the batches' own
+tokens, padding left out) and MFU (the attention of packed documents counted document by document). Batches
 are the dicts of :mod:`lightning_sp.data`: ``input_ids``, ``labels`` aligned with the inputs and, for
 packed documents, global ``cu_seqlens``. Each step works on a batch prepared by
 :func:`lightning_sp.integration.batch.prepare_batch` (labels shifted, global ``position_ids``, local
@@ -99,8 +100,10 @@ class CausalLM(L.LightningModule):
     def training_step(self, batch, batch_idx):
         batch = self.prepare_batch(batch)
         out = self.loss(batch)
-        self._tokens = batch["input_ids"].numel() * _world()
-        self._seq_len = batch[SHARD_INFO].padded_len
+        info = batch[SHARD_INFO]
+        # the sequences a sequence-parallel group trains on: a packed row's documents, else its rows
+        self._sequences = info.document_lengths or [info.seq_len] * batch["input_ids"].shape[0]
+        self._tokens = sum(self._sequences) * (_world() // info.mesh.sp_size)  # real tokens, all groups
         self.log("train/loss", out.mean, prog_bar=True, batch_size=int(out.num_tokens))
         return out.loss
 
@@ -111,7 +114,7 @@ class CausalLM(L.LightningModule):
         tokens_per_s = self._tokens / seconds
         self.log("train/tokens_per_s", tokens_per_s, prog_bar=True, rank_zero_only=True)
         peak = self.hparams.peak_tflops or _device_peak_tflops(self.device)
-        flops = _flops_per_token(self.model, self._seq_len)
+        flops = _flops_per_token(self.model, self._sequences)
         if peak and flops:
             self.log("train/mfu", tokens_per_s * flops / (peak * 1e12 * _world()), prog_bar=True, rank_zero_only=True)
 
@@ -162,14 +165,21 @@ class CausalLM(L.LightningModule):
         return logits
 
 
-def _flops_per_token(model, seq_len: int) -> float | None:
+def _flops_per_token(model, sequences: list[int]) -> float | None:
+    """Training FLOPs per token over ``sequences`` (their lengths; a packed row's documents attend
+    only within themselves): each sequence's FLOPs per token weighted by its tokens, so attention
+    counts the sum of the squared lengths, not the square of their sum."""
     config = getattr(model, "config", None)
     if hasattr(config, "flops_per_token"):
-        return config.flops_per_token(seq_len)
-    if config is not None and hasattr(config, "num_hidden_layers"):  # a Hugging Face config
+        per_token = config.flops_per_token
+    elif config is not None and hasattr(config, "num_hidden_layers"):  # a Hugging Face config
         n = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.hidden_size
-        return 6 * n + 6 * config.num_hidden_layers * config.hidden_size * seq_len
-    return None
+
+        def per_token(seq_len):  # 6 N and causal attention over every layer
+            return 6 * n + 6 * config.num_hidden_layers * config.hidden_size * seq_len
+    else:
+        return None
+    return sum(length * per_token(length) for length in sequences) / max(sum(sequences), 1)
 
 
 def _device_peak_tflops(device) -> float | None:

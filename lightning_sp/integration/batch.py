@@ -94,6 +94,17 @@ class ShardInfo:
         index = L.local_indices(self.padded_len, mesh, self.layout)
         return torch.where(index < self.seq_len, index, -1)
 
+    @property
+    def document_lengths(self) -> list[int] | None:
+        """The lengths of a packed row's non-empty documents in order; None for a dense batch."""
+        if self.placement is not None:
+            return [doc.length for doc in self.placement.documents]
+        if self.packed is None:
+            return None
+        real = torch.cat([torch.zeros(1, dtype=torch.int64), (self.packed.slot_to_token >= 0).cumsum(0)])
+        bounds = self.packed.padded_cu_seqlens
+        return [n for n in (real[bounds[1:]] - real[bounds[:-1]]).tolist() if n]  # the padding document has none
+
     def __repr__(self) -> str:
         kind = "placed" if self.placement is not None else "packed" if self.packed is not None else "dense"
         return (f"ShardInfo({kind}, seq_len={self.seq_len}, padded_len={self.padded_len}, layout={self.layout!r}, "
