@@ -3,7 +3,10 @@
 ranks (ring x ulysses splits); our Llama with a sliding-window layer before a global one, on a
 placement balanced for full causal work, gives one process's logits and gradients (float64); an
 attention layer bound to a sequence context that holds a placement attends over it only causally
-and only for the prepared batch's ``cu_seqlens``. Training over a placement against one process:
+and only for the prepared batch's ``cu_seqlens``; a layer bound by hand (no context) given the
+placed batch's ``cu_seqlens`` attends over the placement they carry (float64, 2 and 4 ranks), and
+non-causal attention over padded spread documents fails on every rank; copy_engine refuses
+documents that span ranks. Training over a placement against one process:
 tests/test_strategy.py (TinyLM) and tests/test_hf_packing.py (Hugging Face models, both packed
 conventions, a sliding window on every layer)."""
 from __future__ import annotations
