@@ -195,3 +195,18 @@ def test_copy_engine_refuses_documents_that_span_ranks():
     with pytest.raises(SPConfigError, match=r"'copy_engine' cannot send .* use transport 'auto' or 'nccl', or lay the "
                                             r"documents out .*\(document_placement='spread', layout.shard_documents\)"):
         check_placement(placement, mesh, placement.tokens_per_rank, True, (None, None))
+
+
+def test_the_record_of_a_placed_cu_seqlens_lives_as_long_as_the_tensor():
+    import gc
+
+    from lightning_sp.core.packing import _records, recorded_packing
+
+    before = len(_records)
+    local, info = prepare_batch(_batch(), rank_coordinates(2, 1, 0), agree=False)
+    assert recorded_packing(local["cu_seqlens"]) is info.placement
+    assert recorded_packing(local["cu_seqlens"].detach()) is info.placement  # e.g. a recomputation's inputs
+    assert recorded_packing(local["cu_seqlens"].clone()) is None  # the same values in another batch mean nothing
+    del local, info
+    gc.collect()
+    assert len(_records) == before

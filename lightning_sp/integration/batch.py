@@ -335,7 +335,8 @@ class _Plan:
         for k, x in full.items():
             out[k] = shard(x, self.dims[k], fills[k])
         max_seqlen = out["max_seqlen"] = int((cu[1:] - cu[:-1]).max())
-        cu = out["cu_seqlens"] = cu.to(device)
+        # a copy: the record keeps the packing while this tensor lives, so the packing must not hold it
+        cu = out["cu_seqlens"] = cu.to(device, copy=True)
         if packing is not None:
             record_packing(cu, packing)
         # the same, under the names Hugging Face models pass on to attention, so model(**batch) works
