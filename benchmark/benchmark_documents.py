@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # lightning_sp, uninstalled
 import common  # noqa: E402
 
-from lightning_sp.core.kernels import backends, select_kernel  # noqa: E402
+from lightning_sp.core.kernels import backends, check_auto_fallback, select_kernel  # noqa: E402
 from lightning_sp.core.placement import document_pairs, place_documents, spread_documents  # noqa: E402
 
 DISTRIBUTIONS = ("one", "16x8k", "128x1k", "mixed", "window")
@@ -140,6 +140,7 @@ def calls_step(calls, q, k, v, backend, fwd_only):
         longest = int((c.cu[1:] - c.cu[:-1]).max())  # given to the kernel, as the ring does
         cu = c.cu.to(q.device)
         kernel = select_kernel(backend, qb[None], kb[None], True, c.window)
+        check_auto_fallback(backend, kernel, q.device, [(qb.shape[0], kb.shape[0], True, c.window)])
         kw = dict(causal=True, window=c.window, max_seqlen=(longest, longest))
         out, lse = kernel.forward_varlen(qb, kb, vb, cu, cu, **kw)
         prepared.append((kernel, qb, kb, vb, cu, kw, out, lse, torch.randn_like(out)))
