@@ -149,16 +149,22 @@ class PackedShard:
     def unshard(self, x_local: torch.Tensor, mesh: SPMesh | None, dim: int = 0) -> torch.Tensor:
         """Collective over the sequence-parallel group: the packed tensor in original order, pads dropped."""
         mesh = mesh or single_process_mesh()
-        dim = dim % x_local.dim()
-        parts = _gather_sp(x_local, mesh) if mesh.sp_size > 1 else [x_local]
-        slots = [_packed_slots(self.padded_cu_seqlens, mesh.at_sp_rank(r), self.layout)[0]
-                 for r in range(mesh.sp_size)]
-        full = torch.cat(parts, dim=dim)
-        index = self.slot_to_token[torch.cat(slots)].to(full.device)
-        keep = torch.nonzero(index >= 0).flatten()
-        out_shape = list(full.shape)
-        out_shape[dim] = self.total_tokens
-        return full.new_zeros(out_shape).index_copy(dim, index[keep], full.index_select(dim, keep))
+        return gather_packed(x_local, mesh, self.total_tokens, dim, lambda r: self.slot_to_token[
+            _packed_slots(self.padded_cu_seqlens, mesh.at_sp_rank(r), self.layout)[0]])
+
+
+def gather_packed(x_local: torch.Tensor, mesh: SPMesh, total_tokens: int, dim: int, rank_index) -> torch.Tensor:
+    """Collective over the sequence-parallel group: the ``total_tokens`` of a packed tensor in original
+    order, every rank's tokens put back where ``rank_index(sp_rank)`` (its token indices, -1 for
+    padding) says they came from, padding dropped."""
+    dim = dim % x_local.dim()
+    parts = _gather_sp(x_local, mesh) if mesh.sp_size > 1 else [x_local]
+    full = torch.cat(parts, dim=dim)
+    index = torch.cat([rank_index(r) for r in range(mesh.sp_size)]).to(full.device)
+    keep = torch.nonzero(index >= 0).flatten()
+    out_shape = list(full.shape)
+    out_shape[dim] = total_tokens
+    return full.new_zeros(out_shape).index_copy(dim, index[keep], full.index_select(dim, keep))
 
 
 def _packed_slots(padded_cu: torch.Tensor, mesh: SPMesh, layout: str):

@@ -50,7 +50,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..core import layout as L
 from ..core.config import check_document_placement
@@ -72,16 +71,17 @@ class ShardInfo:
     found in a batch, and this one holds process groups.
     """
 
-    __slots__ = ("seq_len", "padded_len", "layout", "mesh", "packed", "placement")
+    __slots__ = ("seq_len", "padded_len", "layout", "mesh", "packed", "placement", "document_lengths")
 
     def __init__(self, seq_len: int, padded_len: int, layout: str, mesh: SPMesh, packed: L.PackedShard | None = None,
-                 placement: DocumentPlacement | None = None):
+                 placement: DocumentPlacement | None = None, document_lengths: list[int] | None = None):
         self.seq_len = seq_len  # tokens of the original (unpadded) sequence or packed row
         self.padded_len = padded_len  # tokens of the padded sequence, over all ranks of the group
         self.layout = layout
         self.mesh = mesh
         self.packed = packed  # packed documents spread with the layout, or None
         self.placement = placement  # packed documents placed by work, or None
+        self.document_lengths = document_lengths  # a packed row's non-empty documents in order; None: dense
 
     @property
     def token_index(self) -> torch.Tensor:
@@ -93,17 +93,6 @@ class ShardInfo:
             return self.packed.token_index
         index = L.local_indices(self.padded_len, mesh, self.layout)
         return torch.where(index < self.seq_len, index, -1)
-
-    @property
-    def document_lengths(self) -> list[int] | None:
-        """The lengths of a packed row's non-empty documents in order; None for a dense batch."""
-        if self.placement is not None:
-            return [doc.length for doc in self.placement.documents]
-        if self.packed is None:
-            return None
-        real = torch.cat([torch.zeros(1, dtype=torch.int64), (self.packed.slot_to_token >= 0).cumsum(0)])
-        bounds = self.packed.padded_cu_seqlens
-        return [n for n in (real[bounds[1:]] - real[bounds[:-1]]).tolist() if n]  # the padding document has none
 
     def __repr__(self) -> str:
         kind = "placed" if self.placement is not None else "packed" if self.packed is not None else "dense"
@@ -181,27 +170,13 @@ def gather_sequence(x_local: torch.Tensor, shard_info: ShardInfo, dim: int = 1) 
         raise SPConfigError(f"gather_sequence needs the ShardInfo of a prepared batch (batch['{SHARD_INFO}']), "
                             f"got {type(shard_info).__name__}")
     if shard_info.placement is not None:
-        return _unshard_placed(x_local, shard_info.placement, shard_info.mesh, dim)
+        P, U = shard_info.placement, shard_info.mesh.ulysses_size
+        return L.gather_packed(x_local, shard_info.mesh, P.total_tokens, dim,
+                               lambda r: P.local_indices(*divmod(r, U)))
     if shard_info.packed is not None:
         return shard_info.packed.unshard(x_local, shard_info.mesh, dim=dim)
     full = L.unshard(x_local, shard_info.mesh, shard_info.layout, dim=dim)
     return full.narrow(dim, 0, shard_info.seq_len)
-
-
-def _unshard_placed(x_local: torch.Tensor, placement: DocumentPlacement, mesh: SPMesh, dim: int) -> torch.Tensor:
-    """Every rank's tokens gathered over the sequence-parallel group, each put back where the
-    placement took it from, padding dropped."""
-    dim = dim % x_local.dim()
-    parts = [x_local]
-    if mesh.sp_size > 1:
-        parts = [torch.empty_like(x_local) for _ in range(mesh.sp_size)]
-        dist.all_gather(parts, x_local.contiguous(), group=mesh.sp_group)
-    index = torch.cat([placement.local_indices(*divmod(r, mesh.ulysses_size)) for r in range(mesh.sp_size)])
-    full, index = torch.cat(parts, dim=dim), index.to(x_local.device)
-    keep = torch.nonzero(index >= 0).flatten()
-    shape = list(full.shape)
-    shape[dim] = placement.total_tokens
-    return full.new_zeros(shape).index_copy(dim, index[keep], full.index_select(dim, keep))
 
 
 class _Plan:
@@ -233,6 +208,7 @@ class _Plan:
         if cu is None and "position_ids" in self.keys:  # Hugging Face's convention: positions restart per document
             cu = documents_from_positions(batch["position_ids"])
         self.cu = None if cu is None else _check_packed(cu, batch, self.keys, lengths)
+        self.document_lengths = None if self.cu is None else self.cu.diff()[self.cu.diff() > 0]
         self.positions_given = "position_ids" in self.keys and batch.get("cu_seqlens") is not None
         self.placement = None
         if self.cu is not None and document_placement == "work" and mesh.ring_size > 1:
@@ -305,8 +281,9 @@ class _Plan:
 
     def _apply_packed(self, out: dict, full: dict, fills: dict) -> tuple[dict, ShardInfo]:
         packed = L.shard_documents(self.cu, self.mesh, self.layout)
-        info = ShardInfo(packed.total_tokens, len(packed.slot_to_token), self.layout, self.mesh, packed)
-        lengths = self.cu.diff()[self.cu.diff() > 0]
+        info = ShardInfo(packed.total_tokens, len(packed.slot_to_token), self.layout, self.mesh, packed,
+                         document_lengths=self.document_lengths.tolist())
+        lengths = self.document_lengths
         padded = lengths[packed.padded_cu_seqlens.diff()[:len(lengths)] != lengths].tolist()
         multiple = L.ring_multiple(self.layout, self.mesh.ring_size)
         return self._documents(out, full, fills, info, lambda x, dim, pad: packed.shard(x, dim=dim, pad_value=pad),
@@ -315,7 +292,8 @@ class _Plan:
 
     def _apply_placed(self, out: dict, full: dict, fills: dict) -> tuple[dict, ShardInfo]:
         P, r, u = self.placement, self.mesh.ring_rank, self.mesh.ulysses_rank
-        info = ShardInfo(P.total_tokens, P.ring_size * P.tokens_per_rank, self.layout, self.mesh, placement=P)
+        info = ShardInfo(P.total_tokens, P.ring_size * P.tokens_per_rank, self.layout, self.mesh, placement=P,
+                         document_lengths=self.document_lengths.tolist())
         cu = P.cu_seqlens[r]
         if int(cu[-1]) < P.tokens_per_rank:  # the filler after the pieces as one last segment, so that
             # cu_seqlens ends at the ring rank's tokens as shard_documents' padding document makes it
