@@ -84,15 +84,29 @@ def test_block_schedule_reproduces_the_position_mask(layout):
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "stripe"])
 def test_block_schedule_calls_are_plain(layout):
-    """Every call is trimmed to the rows and keys its mask touches: causal blocks are square and window
-    bounds are never negative, so every kernel that takes windows (FA4 included) takes every call."""
+    """Every call is trimmed to the rows and keys its mask touches and its window bounds are never
+    negative, so every kernel that takes windows (FA4 included) takes every call; a causal block with
+    unequal sides (zigzag's middle rank holds its two chunks as one run) is bottom-right aligned, and
+    ``square_causal`` makes it square, with the same mask, for kernels that need that."""
     windows = [(None, None), (3, None), (0, None), (5, 2), (None, 4), (1, 1), (7, 0), (2, 5), (0, 0)]
     for R, n, causal, window in itertools.product([1, 2, 3, 4], [2, 4, 8, 12], [False, True], windows):
         for r, s in itertools.product(range(R), range(R)):
-            for p in L.block_schedule(layout, r, s, R, n, causal, window):
-                assert not p.causal or p.q_stop - p.q_start == p.k_stop - p.k_start, p
+            pairs = L.block_schedule(layout, r, s, R, n, causal, window)
+            squared = L.square_causal(pairs)
+            assert torch.equal(_mask_of(squared, n), _mask_of(pairs, n))
+            for p in pairs + squared:
                 assert all(w is None or w >= 0 for w in p.window), p
                 assert p.q_stop > p.q_start and p.k_stop > p.k_start, p
+            assert all(not p.causal or p.q_stop - p.q_start == p.k_stop - p.k_start for p in squared)
+            if layout != "zigzag":
+                assert squared == pairs  # only zigzag's merged middle run gives unequal causal blocks
+
+
+def test_zigzag_middle_rank_runs_its_chunks_as_one():
+    """The sub-ring's last member holds chunks R-1 and R, back to back: with a window, its local step
+    is one call (the band between the chunks included), not three."""
+    assert L.block_schedule("zigzag", 1, 1, 2, 8, True, (2, None)) == [L.BlockPair(0, 8, 0, 8, window=(2, 0))]
+    assert len(L.block_schedule("zigzag", 0, 0, 2, 8, True, (2, None))) == 2  # chunks 0 and 3: apart
 
 
 @pytest.mark.parametrize("window", [(None, None), (2, None), (None, 1), (3, 0)])

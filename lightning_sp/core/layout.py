@@ -246,6 +246,8 @@ def _runs(layout: str, ring_rank: int, ring_size: int, n_local: int):
         return [(0, ring_rank * n_local, n_local, 1)]
     if layout == "zigzag":
         c = n_local // 2
+        if ring_rank == ring_size - 1:  # chunks R-1 and R lie back to back: one run, fewer calls
+            return [(0, ring_rank * c, n_local, 1)]
         return [(0, ring_rank * c, c, 1), (c, (2 * ring_size - 1 - ring_rank) * c, c, 1)]
     return [(0, ring_rank, n_local, ring_size)]
 
