@@ -45,7 +45,14 @@ from lightning_sp.core.kernels import backends, check_auto_fallback, select_kern
 from lightning_sp.core.placement import document_pairs, place_documents, spread_documents  # noqa: E402
 
 DISTRIBUTIONS = ("one", "16x8k", "128x1k", "mixed", "window")
-LAYOUTS = {"placed": place_documents, "zigzag": spread_documents}
+LAYOUTS = ("placed", "zigzag")
+
+
+def make_placement(layout: str, lengths, P: int, window, args):
+    """``placed``: by work (``place_documents`` with ``--balance_tie``); ``zigzag``: every document over every rank."""
+    if layout == "placed":
+        return place_documents(cu_seqlens(lengths), P, 1, window=window, balance_tie=args.balance_tie)
+    return spread_documents(cu_seqlens(lengths), P, 1, window=window)
 
 
 def distribution(name: str, total: int = 131072) -> tuple[list[int], int | None]:
@@ -204,7 +211,7 @@ def compute_side_config(args, lengths, window, P, layout, base, fields, device, 
     record = common.base_record("compute_side", args, device, P, layout=layout, kernel=None,
                                 config=f"{fields['distribution']} P={P} {layout}", **dict(fields, ring=P))
     try:
-        placement = LAYOUTS[layout](cu_seqlens(lengths), P, 1, window=window)
+        placement = make_placement(layout, lengths, P, window, args)
         record.update(placement_fields(placement))
         steps, kernels = [], set()
         for r in range(P):
@@ -339,7 +346,7 @@ def distributed(args, device, dtype, rank, world):
                         [whole_batch_call(lengths, window)], *make_inputs(args, kv, total, device, dtype, args.seed),
                         args.backend, fwd_only))]
             for layout in args.layout:
-                placement = LAYOUTS[layout](cu_seqlens(lengths), world, 1, window=window)
+                placement = make_placement(layout, lengths, world, window, args)
                 runs.append(("ours", layout, "compute_only", placement, lambda p=placement: ours_compute_only(
                     args, p, rank, kv, device, dtype, fwd_only)))
                 runs.append(("ours", layout, "ring", placement, lambda layout=layout, p=placement: ours_ring(
@@ -473,12 +480,15 @@ def parse_args(argv=None):
     common.add_shape_args(p)
     p.set_defaults(seq_len=[131072])
     p.add_argument("--distribution", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS)
-    p.add_argument("--layout", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
+    p.add_argument("--layout", nargs="+", default=list(LAYOUTS), choices=LAYOUTS,
                    help="placed: by work (place_documents); zigzag: every document over every rank")
     p.add_argument("--backend", default="auto", choices=backends(), help="block kernel of every call")
     p.add_argument("--compute_side", action="store_true",
                    help="one process: every rank's kernel calls one rank after another, for each P in --world")
     p.add_argument("--world", type=int, nargs="+", default=[2, 4, 8], help="ring sizes P of --compute_side")
+    p.add_argument("--balance_tie", type=float, default=0.01,
+                   help="placed: balances this close to the best count as equal, the least K/V traffic decides "
+                        "(place_documents; 1 = the least traffic within the balance target)")
     p.add_argument("--rounds", type=int, default=3,
                    help="--compute_side: rounds of timing every rank in turn (each rank's median over all of them)")
     p.add_argument("--summarize", nargs="+", default=None, metavar="JSONL",

@@ -106,7 +106,7 @@ class DocumentPlacement:
     """Packed documents on the ring: which documents every ring rank holds, and in what order.
 
     ``pieces[r]`` lists ring rank r's pieces in local order as (document number, sub-ring member):
-    spanning pieces first, then whole documents, each in document order; every rank then has
+    spanning pieces first (the largest sub-ring's first), then whole documents, each in document order; every rank then has
     ``tokens_per_rank`` tokens, the last of them filler padding. Everything else (token indices,
     positions, local ``cu_seqlens``, predicted work and traffic, the blocks of every ring step) is
     derived from that; what is per ring rank (token indices, positions, blocks) is made for a

@@ -106,6 +106,7 @@ class PlacedPlan(StepPlan):
             groups.setdefault((*kind, n), []).append((p.q_start, p.q_stop, p.k_start, p.k_stop))
         calls = []
         for (causal, window, _), ranges in groups.items():
+            ranges.sort(key=lambda r: (r[2], r[0]))  # in key order: a step's keys are then one slice, not gathered
             q_spans, k_spans = [(a, b) for a, b, _, _ in ranges], [(c, d) for _, _, c, d in ranges]
             q_sel, cu_q = self._selection(q_spans, self.n_local)
             k_sel, cu_k = self._selection(k_spans, n_keys)
