@@ -49,9 +49,9 @@ LAYOUTS = ("placed", "zigzag")
 
 
 def make_placement(layout: str, lengths, P: int, window, args):
-    """``placed``: by work (``place_documents`` with ``--balance_tie``); ``zigzag``: every document over every rank."""
+    """``placed``: by work (``place_documents``); ``zigzag``: every document over every rank."""
     if layout == "placed":
-        return place_documents(cu_seqlens(lengths), P, 1, window=window, balance_tie=args.balance_tie)
+        return place_documents(cu_seqlens(lengths), P, 1, window=window)
     return spread_documents(cu_seqlens(lengths), P, 1, window=window)
 
 
@@ -486,9 +486,6 @@ def parse_args(argv=None):
     p.add_argument("--compute_side", action="store_true",
                    help="one process: every rank's kernel calls one rank after another, for each P in --world")
     p.add_argument("--world", type=int, nargs="+", default=[2, 4, 8], help="ring sizes P of --compute_side")
-    p.add_argument("--balance_tie", type=float, default=0.01,
-                   help="placed: balances this close to the best count as equal, the least K/V traffic decides "
-                        "(place_documents; 1 = the least traffic within the balance target)")
     p.add_argument("--rounds", type=int, default=3,
                    help="--compute_side: rounds of timing every rank in turn (each rank's median over all of them)")
     p.add_argument("--summarize", nargs="+", default=None, metavar="JSONL",

@@ -279,6 +279,46 @@ def test_shard_and_local_indices():
         p.shard(x[:51], 0)
 
 
+def test_spanning_pieces_come_first_largest_sub_ring_first():
+    """Each rank's pieces: spanning ones by decreasing sub-ring size (then document order), then whole
+    documents in document order; so the pieces still moving at a ring step are a prefix of the buffer."""
+    lengths, _ = DISTRIBUTION("mixed")
+    for ring in (4, 8, 16):
+        p = P.place_documents(torch.tensor([0, *lengths]).cumsum(0), ring, 1)
+        for pieces in p.pieces:
+            docs = [p.documents[d] for d, _ in pieces]
+            key = [(not d.spans, -len(d.ranks) if d.spans else 0, d.index) for d in docs]
+            assert key == sorted(key)
+        assert len({len(d.ranks) for d in p.documents if d.spans}) > 1  # sub-rings of several sizes
+
+
+@pytest.mark.parametrize("ring", [4, 8])
+def test_plan_gathers_only_rows_that_are_not_one_run(ring):
+    """A call takes rows by an index (a gather: a copy of q, k, v, and in the backward of dout and out)
+    only where its rows are not one contiguous run: the calls list their documents in key order, so a
+    step's received blocks are one slice, and a rank's pieces still moving at a step lie back to back.
+    The issue's mixed batch, where ranks hold pieces of several sub-rings."""
+    from lightning_sp.core.attention.placed_plan import PlacedPlan
+    from lightning_sp.core.attention.ring import RingSpec
+
+    lengths, _ = DISTRIBUTION("mixed")
+    placement = P.place_documents(cu(lengths), ring, 1)
+    assert sum(d.spans for d in placement.documents) > 1
+    received_as_one_slice = 0
+    for r in range(ring):
+        x = torch.zeros(placement.tokens_per_rank, 1, 8, dtype=torch.float64)
+        plan = PlacedPlan(RingSpec(rank_coordinates(ring, 1, r), "zigzag", True, 1.0, (None, None), "auto"),
+                          placement, x, x)
+        for s, calls in enumerate(plan.steps):
+            for call in calls:
+                for sel in (call.q_sel, call.k_sel):
+                    if isinstance(sel, torch.Tensor):
+                        rows = sel.tolist()
+                        assert sorted(rows) != list(range(min(rows), max(rows) + 1)), (r, s, rows[:8])
+                received_as_one_slice += s > 0 and len(call.cu_k) > 2 and isinstance(call.k_sel, slice)
+    assert received_as_one_slice  # blocks of several documents, received from peers, taken without a copy
+
+
 def test_errors_name_the_value():
     with pytest.raises(SPConfigError, match=r"cu_seqlens must be a 1-D non-decreasing sequence starting at 0, got \[0, 5, 3\]"):
         P.place_documents([0, 5, 3], 2)

@@ -21,11 +21,10 @@ The placement (:func:`place_documents`), documents longest first:
   remainder's average, the highest first for lighter ones (they pull a rank's prediction down);
 * a document no rank can take within the cap goes where it raises the largest work least.
 
-That greedy runs for a few soft targets and token slacks. Among its results within
-``max_imbalance`` and ``max_padding``, those balanced within ``balance_tie`` (0.01) of the best one are kept and the
-one with the least K/V traffic wins: imbalance costs time at every ring step, traffic only where
-the compute does not hide it. The per-document zigzag of :func:`spread_documents` (every
-document's K/V travels) is the last resort, so the result is never worse balanced than it.
+That greedy runs for a few soft targets and token slacks; the candidate with the least K/V traffic
+among those within ``max_imbalance`` and ``max_padding`` wins (a tighter balance bought with more
+split documents costs more in their short kernel calls than it gains), and the per-document zigzag
+of :func:`spread_documents` is always a candidate, so the result is never worse balanced than it.
 
 Only causal attention (optionally with a left window) is placed: the padding at a split
 document's end is then invisible to its real tokens.
@@ -193,19 +192,15 @@ def _traffic(assignment) -> int:
 
 
 def place_documents(cu_seqlens, ring_size: int, ulysses_size: int = 1, *, window: int | None = None,
-                    max_imbalance: float = 1.03, max_padding: float = 0.01,
-                    balance_tie: float = 0.01) -> DocumentPlacement:
+                    max_imbalance: float = 1.03, max_padding: float = 0.01) -> DocumentPlacement:
     """Place packed documents (global ``cu_seqlens`` of the unpadded packed sequence) on ``ring_size``
     ring ranks by causal work (see the module docstring). ``ulysses_size``: each ring rank's token
     count is made a multiple of it. ``window``: a left window bound, for the work count. The result
     is balanced within ``max_imbalance`` (largest rank's attended pairs over the mean) with at most
-    ``max_padding`` padding whenever some candidate reaches both, else as close as the candidates get;
-    among those, balances within ``balance_tie`` of the best count as equal and the least K/V traffic
-    decides (a ``balance_tie`` of ``max_imbalance`` - 1 or more: the least traffic within the targets)."""
+    ``max_padding`` padding whenever some candidate reaches both, else as close as the candidates get."""
     check_sizes(ring_size, ulysses_size, window)
-    if max_imbalance < 1 or max_padding < 0 or balance_tie < 0:
-        raise SPConfigError(f"max_imbalance must be >= 1, max_padding and balance_tie >= 0, got {max_imbalance}, "
-                            f"{max_padding}, {balance_tie}")
+    if max_imbalance < 1 or max_padding < 0:
+        raise SPConfigError(f"max_imbalance must be >= 1 and max_padding >= 0, got {max_imbalance}, {max_padding}")
     starts, lengths = _documents(cu_seqlens)
     R, N = ring_size, sum(lengths)
     spread = spread_documents(cu_seqlens, R, ulysses_size, window=window)
@@ -213,27 +208,18 @@ def place_documents(cu_seqlens, ring_size: int, ulysses_size: int = 1, *, window
         return spread
     mean = sum(document_pairs(n, window) for n in lengths) / R
 
-    def within(p: DocumentPlacement) -> bool:
-        return p.balance <= max_imbalance and p.padding <= max_padding
+    def preference(p: DocumentPlacement):
+        within = p.balance <= max_imbalance and p.padding <= max_padding
+        excess = max(p.balance / max_imbalance, (1 + p.padding) / (1 + max_padding))
+        traffic = _traffic([(d.ranks, d.padded_length) for d in p.documents])
+        return (0, traffic, p.padding, p.balance) if within else (1, excess, traffic, p.padding)
 
-    def traffic(p: DocumentPlacement) -> int:
-        return _traffic([(d.ranks, d.padded_length) for d in p.documents])
-
-    placed = []
+    candidates = [spread]
     for slack in (0.0, max_padding / 3, 2 * max_padding / 3):
         capacity = _round_up(-(-N // R) + int(slack * N / R), ulysses_size)
         for soft in (1.0, 1 + (max_imbalance - 1) / 3, 1 + 2 * (max_imbalance - 1) / 3):
             assignment = _Greedy(lengths, R, capacity, max_imbalance * mean, soft * mean, window).run()
-            placed.append(_assemble(starts, lengths, assignment, R, ulysses_size, window))
-            if _traffic(assignment) == 0 and within(placed[-1]):
-                return placed[-1]  # within the targets with no ring traffic at all
-    good = [p for p in placed if within(p)]
-    if good:  # imbalance costs every rank every step, traffic only what the compute does not hide
-        best = min(p.balance for p in good)
-        return min((p for p in good if p.balance <= best + balance_tie), key=lambda p: (traffic(p), p.padding, p.balance))
-    if within(spread):
-        return spread
-
-    def excess(p: DocumentPlacement):
-        return (max(p.balance / max_imbalance, (1 + p.padding) / (1 + max_padding)), traffic(p), p.padding)
-    return min([spread, *placed], key=excess)
+            candidates.append(_assemble(starts, lengths, assignment, R, ulysses_size, window))
+            if _traffic(assignment) == 0 and preference(candidates[-1])[0] == 0:
+                return candidates[-1]  # within the targets with no ring traffic at all
+    return min(candidates, key=preference)

@@ -58,6 +58,15 @@ def _exchange(mesh, sends, recvs, phase: str, step: int):
     return wait
 
 
+def _gathered_rows(ranges) -> int:
+    """Query and key rows a call over ``ranges`` [(q_start, q_stop, k_start, k_stop)], in this order,
+    takes by an index (a copy) rather than as one slice. The calls list their blocks in query order
+    or in key order, whichever copies less: in key order a step's received blocks are one slice."""
+    def copied(spans):
+        return 0 if all(b == c for (_, b), (c, _) in zip(spans[:-1], spans[1:])) else sum(b - a for a, b in spans)
+    return copied([(a, b) for a, b, _, _ in ranges]) + copied([(c, d) for _, _, c, d in ranges])
+
+
 class PlacedPlan(StepPlan):
     """The kernel and the block calls of every ring step of a placement for this ring rank, the
     layout of every step's blocks, and where they come from and go to. Made once per attention call."""
@@ -106,7 +115,7 @@ class PlacedPlan(StepPlan):
             groups.setdefault((*kind, n), []).append((p.q_start, p.q_stop, p.k_start, p.k_stop))
         calls = []
         for (causal, window, _), ranges in groups.items():
-            ranges.sort(key=lambda r: (r[2], r[0]))  # in key order: a step's keys are then one slice, not gathered
+            ranges = min((sorted(ranges), sorted(ranges, key=lambda r: (r[2], r[0]))), key=_gathered_rows)
             q_spans, k_spans = [(a, b) for a, b, _, _ in ranges], [(c, d) for _, _, c, d in ranges]
             q_sel, cu_q = self._selection(q_spans, self.n_local)
             k_sel, cu_k = self._selection(k_spans, n_keys)
