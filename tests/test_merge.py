@@ -207,9 +207,10 @@ def test_later_hops_and_varlen_send_float32():
 
 
 def test_first_hop_decided_by_every_rank():
-    """Zigzag with a window on 4 local tokens: rank 0's first-hop calls cover each key row once,
-    rank 1's twice; both send float32, since the receive buffers are made like the tensors sent."""
-    kw = dict(layout="zigzag", R=2, causal=True, window=(3, None), n=4)
+    """Zigzag with a left window, not causal, on 4 local tokens: rank 0's first-hop calls cover a key
+    row twice, rank 1's (its two chunks one run) each once; both send float32, since the receive
+    buffers are made like the tensors sent."""
+    kw = dict(layout="zigzag", R=2, causal=False, window=(3, None), n=4)
     assert [_plan(r=r, **kw)._first_hop_single for r in range(2)] == [False, False]
     assert _send_dtypes(**kw) == [{F32}]
 
