@@ -113,6 +113,8 @@ class _Greedy:
         head = [self.cap - w for w in self.work]
         room[rank] -= tokens
         head[rank] -= work
+        if min(head) >= self.cwork[-1] - self.cwork[i + 1]:  # every rank could take all the rest
+            return True
         slack = sum(room) - (self.ctok[-1] - self.ctok[i + 1])
         total_room, total_head = 0, 0.0
         for r in sorted(range(self.R), key=lambda r: head[r] / room[r] if room[r] > 0 else float("inf")):
