@@ -615,3 +615,29 @@ def test_mfu_of_a_packed_row_counts_attention_document_by_document():
     dense = 6 * (c.num_params() - c.vocab_size * c.hidden_size)
     attention = 12 * c.num_heads * c.head_dim * c.num_layers * (6 ** 2 + 10 ** 2) / 2 / 16
     assert flops == pytest.approx(dense + attention, rel=1e-9)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_hugging_face_flops_count_each_layers_window(family):
+    """A Hugging Face model's FLOPs per token count each layer's attention as the model runs it: global
+    (Llama), every layer within the sliding window of 4 (Mistral), sliding and global layers alternating
+    (Gemma 2, whose heads x head_dim, 24, differs from hidden_size)."""
+    transformers = pytest.importorskip("transformers")
+    from lightning_sp.app.lm import _flops_per_token
+
+    common = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                  num_key_value_heads=1)
+    # keys per query of one layer: global causal s/2; window w < s: w - w^2 / (2s)
+    glob, slid = {16: 8.0, 6: 3.0, 10: 5.0}, {16: 3.5, 6: 4 - 16 / 12, 10: 3.2}
+    if family == "llama":
+        model, layers, width = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)), [glob] * 4, 16
+    elif family == "mistral":
+        config = transformers.MistralConfig(sliding_window=4, **common)
+        model, layers, width = transformers.MistralForCausalLM(config), [slid] * 4, 16
+    else:
+        config = transformers.Gemma2Config(sliding_window=4, head_dim=12, **common)
+        model, layers, width = transformers.Gemma2ForCausalLM(config), [slid, glob, slid, glob], 24
+    dense = 6 * (sum(p.numel() for p in model.parameters()) - 64 * 16)
+    for lengths in ([16], [6, 10]):  # a packed row: each document's per-token FLOPs, weighted by its tokens
+        keys = sum(n * sum(layer[n] for layer in layers) for n in lengths) / sum(lengths)
+        assert _flops_per_token(model, lengths) == pytest.approx(dense + 12 * width * keys, rel=1e-12)

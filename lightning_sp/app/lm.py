@@ -25,7 +25,8 @@ from ..core.errors import SPConfigError
 from ..core.loss import TokenLoss, exact_token_loss
 from ..integration.batch import SHARD_INFO, prepared_batch
 from .models import swap_attention
-from .models.hf import causal_lm_logits, causal_lm_loss_sum, is_hf_model
+from .models.config import attended_keys
+from .models.hf import attention_layers, causal_lm_logits, causal_lm_loss_sum, is_hf_model, layer_window
 
 # dense bf16 peak of one device, for MFU when peak_tflops is not given
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
@@ -174,9 +175,12 @@ def _flops_per_token(model, sequences: list[int]) -> float | None:
         per_token = config.flops_per_token
     elif config is not None and hasattr(config, "num_hidden_layers"):  # a Hugging Face config
         n = sum(p.numel() for p in model.parameters()) - config.vocab_size * config.hidden_size
+        windows = [layer_window(layer, config) for layer in attention_layers(model)]
+        heads = config.num_attention_heads
+        width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
 
-        def per_token(seq_len):  # 6 N and causal attention over every layer
-            return 6 * n + 6 * config.num_hidden_layers * config.hidden_size * seq_len
+        def per_token(seq_len):  # 6 N and each layer's causal attention, within its sliding window if any
+            return 6 * n + 12 * width * sum(attended_keys(seq_len, w) for w in windows)
     else:
         return None
     return sum(length * per_token(length) for length in sequences) / max(sum(sequences), 1)

@@ -83,16 +83,19 @@ class LlamaConfig:
         embedding lookup excluded) plus 12 x heads x head_dim per attended pair of each layer: a
         global layer attends seq_len keys a query (half when causal), a sliding layer at most its window."""
         n = self.num_params() - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)
-        keys = 0.0  # attended keys per query, summed over the layers
-        for layer in range(self.num_layers):
-            if not causal:
-                keys += seq_len
-            elif self.is_sliding(layer) and self.sliding_window < seq_len:
-                w = self.sliding_window
-                keys += w - w * w / (2 * seq_len)  # (seq_len * w - w^2 / 2) pairs over seq_len queries
-            else:
-                keys += seq_len / 2
+        keys = sum(attended_keys(seq_len, self.sliding_window if self.is_sliding(layer) else None, causal)
+                   for layer in range(self.num_layers))
         return 6 * n + 12 * self.num_heads * self.head_dim * keys
+
+
+def attended_keys(seq_len: int, window: int | None = None, causal: bool = True) -> float:
+    """Keys a query attends to on average in one layer over ``seq_len`` tokens: all of them, half when
+    causal, at most ``window`` (the tokens a query of a sliding layer sees) on a sliding causal layer."""
+    if not causal:
+        return float(seq_len)
+    if window is not None and window < seq_len:
+        return window - window * window / (2 * seq_len)  # (seq_len * w - w^2 / 2) pairs over seq_len queries
+    return seq_len / 2
 
 
 def _positive_int(value) -> bool:

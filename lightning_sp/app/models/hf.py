@@ -62,6 +62,23 @@ def _register() -> None:
     AttentionMaskInterface.register(HF_ATTENTION_NAME, _no_mask)
 
 
+def attention_layers(model) -> list:
+    """The model's attention layers (modules named *Attention with a ``layer_idx``), in model order."""
+    return [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+
+
+def layer_window(layer, config) -> int | None:
+    """The ``sliding_window`` (tokens a query sees) the model passes to attention for ``layer``, None
+    for a global layer: the layer's own attribute where it keeps one (Gemma, Qwen2, GPT-OSS), else
+    the config's ``layer_types``, else the config's ``sliding_window`` for every layer (Mistral)."""
+    if hasattr(layer, "sliding_window"):
+        return layer.sliding_window
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return config.sliding_window if types[layer.layer_idx] == "sliding_attention" else None
+    return getattr(config, "sliding_window", None)
+
+
 def swap_hf_attention(model, make):
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
@@ -70,7 +87,7 @@ def swap_hf_attention(model, make):
     if not getattr(model, "_supports_attention_backend", False):
         raise SPConfigError(f"cannot swap {type(model).__name__}: it does not dispatch attention through the "
                             f"transformers attention-function registry (_supports_attention_backend is False)")
-    layers = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    layers = attention_layers(model)
     if not layers:
         raise SPConfigError(f"cannot swap {type(model).__name__}: found no attention layers (modules named "
                             f"*Attention with a layer_idx)")
