@@ -106,11 +106,11 @@ class DocumentPlacement:
     """Packed documents on the ring: which documents every ring rank holds, and in what order.
 
     ``pieces[r]`` lists ring rank r's pieces in local order as (document number, sub-ring member):
-    spanning pieces first (the largest sub-ring's first), then whole documents, each in document order; every rank then has
-    ``tokens_per_rank`` tokens, the last of them filler padding. Everything else (token indices,
-    positions, local ``cu_seqlens``, predicted work and traffic, the blocks of every ring step) is
-    derived from that; what is per ring rank (token indices, positions, blocks) is made for a
-    rank when asked for and kept. ``window`` is the left window (None: plain causal) the work was counted for.
+    spanning pieces first (the largest sub-ring's first), then whole documents, each in document
+    order; every rank then has ``tokens_per_rank`` tokens, the last of them filler padding.
+    Everything else (token indices, positions, local ``cu_seqlens``, predicted work and traffic, the
+    blocks of every ring step) is derived from that; what is per ring rank (token indices,
+    positions, blocks) is made for a rank when asked for and kept. ``window`` is the left window (None: plain causal) the work was counted for.
     """
 
     ring_size: int
