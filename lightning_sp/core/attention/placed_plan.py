@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ..kernels import check_auto_fallback, select_kernel
 from ..layout import BlockPair, square_causal
 from ..placement import DocumentPlacement
-from .ring import BlockCall, RingSpec, StepPlan, span_rows, to_device
+from .ring import BlockCall, RingSpec, StepPlan, back_to_back, varlen_call
 
 _byte_counters: list[list] = []  # active count_sent_bytes() records
 
@@ -63,7 +63,7 @@ def _gathered_rows(ranges) -> int:
     takes by an index (a copy) rather than as one slice. The calls list their blocks in query order
     or in key order, whichever copies less: in key order a step's received blocks are one slice."""
     def copied(spans):
-        return 0 if all(b == c for (_, b), (c, _) in zip(spans[:-1], spans[1:])) else sum(b - a for a, b in spans)
+        return 0 if back_to_back(spans) else sum(b - a for a, b in spans)
     return copied([(a, b) for a, b, _, _ in ranges]) + copied([(c, d) for _, _, c, d in ranges])
 
 
@@ -116,20 +116,8 @@ class PlacedPlan(StepPlan):
         calls = []
         for (causal, window, _), ranges in groups.items():
             ranges = min((sorted(ranges), sorted(ranges, key=lambda r: (r[2], r[0]))), key=_gathered_rows)
-            q_spans, k_spans = [(a, b) for a, b, _, _ in ranges], [(c, d) for _, _, c, d in ranges]
-            q_sel, cu_q = self._selection(q_spans, self.n_local)
-            k_sel, cu_k = self._selection(k_spans, n_keys)
-            longest = (max(b - a for a, b in q_spans), max(b - a for a, b in k_spans))
-            calls.append(BlockCall(q_sel, k_sel, causal, window, cu_q, cu_k, longest))
+            calls.append(varlen_call(ranges, self.n_local, n_keys, causal, window, self.device))
         return calls
-
-    def _selection(self, spans, n):
-        """A slice where the spans are contiguous (the whole slice only for all n rows), else an index."""
-        cu = to_device(list(accumulate((b - a for a, b in spans), initial=0)), torch.int32, self.device)
-        if all(b == c for (_, b), (c, _) in zip(spans[:-1], spans[1:])):
-            start, stop = spans[0][0], spans[-1][1]
-            return (slice(None) if (start, stop) == (0, n) else slice(start, stop)), cu
-        return to_device(span_rows(spans), torch.int64, self.device), cu
 
     # --- the messages ---------------------------------------------------------------------
     def shape(self, s: int, like: torch.Tensor) -> tuple:
@@ -183,6 +171,6 @@ class PlacedPlan(StepPlan):
     def _span(self, s: int, docs) -> slice | None:
         """The rows of ``docs`` in step s's layout where they lie there back to back in that order."""
         rows = [self._rows(s, d) for d in docs]
-        if all(a.stop == b.start for a, b in zip(rows[:-1], rows[1:])):
+        if back_to_back([(r.start, r.stop) for r in rows]):
             return slice(rows[0].start, rows[-1].stop)
         return None

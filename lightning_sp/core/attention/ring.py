@@ -122,18 +122,7 @@ class StepPlan:
         return [self._varlen_call(causal, window, ranges) for (causal, window, _), ranges in groups.items()]
 
     def _varlen_call(self, causal, window, ranges) -> BlockCall:
-        whole = _doc_spans(self.spec.cu_seqlens)
-
-        def selection(spans):
-            cu = to_device(list(accumulate((b - a for a, b in spans), initial=0)), torch.int32, self.device)
-            if spans == whole:
-                return slice(None), cu
-            return to_device(span_rows(spans), torch.int64, self.device), cu
-
-        q_spans, k_spans = [(a, b) for a, b, _, _ in ranges], [(c, d) for _, _, c, d in ranges]
-        (q_sel, cu_q), (k_sel, cu_k) = selection(q_spans), selection(k_spans)
-        longest = (max(b - a for a, b in q_spans), max(b - a for a, b in k_spans))
-        return BlockCall(q_sel, k_sel, causal, window, cu_q, cu_k, longest)
+        return varlen_call(ranges, self.n_local, self.n_local, causal, window, self.device)
 
     def forward(self, call: BlockCall, q, k, v):
         """(out, lse in row layout: (b, s, h) or (t, h)) of one block call."""
@@ -155,6 +144,29 @@ class StepPlan:
         if call.cu_q is None:
             return self.kernel.backward(*args, **kw, into=into)
         return self.kernel.backward_varlen(*args, call.cu_q, call.cu_k, **kw, **call.varlen)
+
+
+def varlen_call(ranges, n_q: int, n_k: int, causal: bool, window, device) -> BlockCall:
+    """One varlen call over ``ranges`` [(q_start, q_stop, k_start, k_stop)], a document each, of
+    ``n_q`` query and ``n_k`` key rows: each side's rows a slice where its spans lie back to back
+    (the whole slice for all rows), else an index (a copy); cu tensors and longest documents known
+    on the host."""
+    def rows(spans, n):
+        cu = to_device(list(accumulate((b - a for a, b in spans), initial=0)), torch.int32, device)
+        if back_to_back(spans):
+            start, stop = spans[0][0], spans[-1][1]
+            return (slice(None) if (start, stop) == (0, n) else slice(start, stop)), cu
+        return to_device(span_rows(spans), torch.int64, device), cu
+
+    q_spans, k_spans = [(a, b) for a, b, _, _ in ranges], [(c, d) for _, _, c, d in ranges]
+    (q_sel, cu_q), (k_sel, cu_k) = rows(q_spans, n_q), rows(k_spans, n_k)
+    longest = (max(b - a for a, b in q_spans), max(b - a for a, b in k_spans))
+    return BlockCall(q_sel, k_sel, causal, window, cu_q, cu_k, longest)
+
+
+def back_to_back(spans) -> bool:
+    """Whether the spans [(start, stop)] follow one another with no gap, in order."""
+    return all(b == c for (_, b), (c, _) in zip(spans[:-1], spans[1:]))
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -179,10 +191,6 @@ def _max_depth(sels, n: int) -> int:
     """How many of the slices (of rows 0..n-1) cover the row that most of them cover."""
     spans = [sel.indices(n)[:2] for sel in sels]
     return max((sum(a <= row < b for a, b in spans) for row, _ in spans), default=0)
-
-
-def _doc_spans(cu):
-    return [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
 
 
 def kv_views(message: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
