@@ -45,14 +45,7 @@ from lightning_sp.core.kernels import backends, check_auto_fallback, select_kern
 from lightning_sp.core.placement import document_pairs, place_documents, spread_documents  # noqa: E402
 
 DISTRIBUTIONS = ("one", "16x8k", "128x1k", "mixed", "window")
-LAYOUTS = ("placed", "zigzag")
-
-
-def make_placement(layout: str, lengths, P: int, window, args):
-    """``placed``: by work (``place_documents``); ``zigzag``: every document over every rank."""
-    if layout == "placed":
-        return place_documents(cu_seqlens(lengths), P, 1, window=window)
-    return spread_documents(cu_seqlens(lengths), P, 1, window=window)
+LAYOUTS = {"placed": place_documents, "zigzag": spread_documents}
 
 
 def distribution(name: str, total: int = 131072) -> tuple[list[int], int | None]:
@@ -211,7 +204,7 @@ def compute_side_config(args, lengths, window, P, layout, base, fields, device, 
     record = common.base_record("compute_side", args, device, P, layout=layout, kernel=None,
                                 config=f"{fields['distribution']} P={P} {layout}", **dict(fields, ring=P))
     try:
-        placement = make_placement(layout, lengths, P, window, args)
+        placement = LAYOUTS[layout](cu_seqlens(lengths), P, 1, window=window)
         record.update(placement_fields(placement))
         steps, kernels = [], set()
         for r in range(P):
@@ -346,7 +339,7 @@ def distributed(args, device, dtype, rank, world):
                         [whole_batch_call(lengths, window)], *make_inputs(args, kv, total, device, dtype, args.seed),
                         args.backend, fwd_only))]
             for layout in args.layout:
-                placement = make_placement(layout, lengths, world, window, args)
+                placement = LAYOUTS[layout](cu_seqlens(lengths), world, 1, window=window)
                 runs.append(("ours", layout, "compute_only", placement, lambda p=placement: ours_compute_only(
                     args, p, rank, kv, device, dtype, fwd_only)))
                 runs.append(("ours", layout, "ring", placement, lambda layout=layout, p=placement: ours_ring(
@@ -480,7 +473,7 @@ def parse_args(argv=None):
     common.add_shape_args(p)
     p.set_defaults(seq_len=[131072])
     p.add_argument("--distribution", nargs="+", default=list(DISTRIBUTIONS), choices=DISTRIBUTIONS)
-    p.add_argument("--layout", nargs="+", default=list(LAYOUTS), choices=LAYOUTS,
+    p.add_argument("--layout", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
                    help="placed: by work (place_documents); zigzag: every document over every rank")
     p.add_argument("--backend", default="auto", choices=backends(), help="block kernel of every call")
     p.add_argument("--compute_side", action="store_true",
