@@ -21,10 +21,15 @@ The placement (:func:`place_documents`), documents longest first:
   remainder's average, the highest first for lighter ones (they pull a rank's prediction down);
 * a document no rank can take within the cap goes where it raises the largest work least.
 
-That greedy runs for a few soft targets and token slacks; the candidate with the least K/V traffic
-among those within ``max_imbalance`` and ``max_padding`` wins (a tighter balance bought with more
-split documents costs more in their short kernel calls than it gains), and the per-document zigzag
-of :func:`spread_documents` is always a candidate, so the result is never worse balanced than it.
+That greedy runs for a few soft targets and token slacks, and the per-document zigzag of
+:func:`spread_documents` is always a candidate, so the result is never worse balanced than it. Among
+the candidates within ``max_imbalance`` and ``max_padding``, the one whose slowest rank is fastest by
+a kernel-time model wins (ties: the least K/V traffic; one with no traffic at all is taken at
+once): a rank's time is its attended pairs plus a
+fixed cost per document segment of its calls (``segment_cost``; a document over k ranks is a segment
+at each of its k steps), since a tighter balance bought with more split documents costs more in
+their short calls than it gains. A local search (:func:`_refine`) then lowers that slowest rank
+further by moving, splitting or handing over single documents within the same targets.
 
 Only causal attention (optionally with a left window) is placed: the padding at a split
 document's end is then invisible to its real tokens.
@@ -49,6 +54,11 @@ def _documents(cu_seqlens) -> tuple[list[int], list[int]]:
     if not docs:
         raise SPConfigError(f"cu_seqlens {bounds} holds no tokens; a packed batch needs at least one token")
     return [a for a, _ in docs], [n for _, n in docs]
+
+
+# What a kernel call spends on one document segment beyond its attended pairs, in attended pairs:
+# FA4's forward and backward on Hopper fit it (benchmark/results/2026-12-06-run14/NOTES.md).
+SEGMENT_COST = 786_432
 
 
 def _round_up(x: int, m: int) -> int:
@@ -193,13 +203,120 @@ def _traffic(assignment) -> int:
     return sum(padded * (len(ranks) - 1) for ranks, padded in assignment)
 
 
+class _Loads:
+    """Per ring rank: the attended pairs, (document, ring step) segments and tokens of an assignment,
+    kept up to date as documents change place. A rank's modelled kernel time is its pairs plus
+    ``segment_cost`` per segment: a call pays for each document segment beyond its pairs (tiles
+    begun and drained, a short block's lower rate), and a document over k ranks is k segments on
+    each of them, one per ring step."""
+
+    def __init__(self, lengths, assignment, ring_size, window, segment_cost):
+        self.lengths, self.window, self.segment_cost = lengths, window, segment_cost
+        self.assignment = [(tuple(ranks), padded) for ranks, padded in assignment]
+        self.pairs, self.segments, self.tokens = [0] * ring_size, [0] * ring_size, [0] * ring_size
+        self._shares: dict = {}
+        for d, where in enumerate(self.assignment):
+            self._add(d, where, 1)
+
+    def split(self, d: int, k: int) -> tuple[int, list[int]]:
+        key = (self.lengths[d], k)
+        if key not in self._shares:
+            self._shares[key] = split_shares(*key, self.window)
+        return self._shares[key]
+
+    def _add(self, d: int, where, sign: int) -> None:
+        ranks, padded = where
+        for r, share in zip(ranks, self.split(d, len(ranks))[1]):
+            self.pairs[r] += sign * share
+            self.segments[r] += sign * len(ranks)
+            self.tokens[r] += sign * (padded // len(ranks))
+
+    def move(self, d: int, where) -> tuple:
+        """Put document d at ``where`` (ranks, padded length); returns where it was."""
+        old = self.assignment[d]
+        self._add(d, old, -1)
+        self._add(d, where, 1)
+        self.assignment[d] = where
+        return old
+
+    def cost(self, r: int) -> int:
+        return self.pairs[r] + self.segment_cost * self.segments[r]
+
+    def largest_cost(self) -> int:
+        return max(map(self.cost, range(len(self.pairs))))
+
+
+def _refine(loads: _Loads, max_tokens: int, max_pairs: int, *, tries: int = 6, rounds: int = 24) -> None:
+    """Lower the largest modelled rank time of ``loads`` in place (then the sum of squares, so that
+    ranks tied at the top come down one by one), keeping every rank within ``max_tokens`` and
+    ``max_pairs``. Each round takes the best single change that involves the costliest rank: one of
+    its ``tries`` heaviest documents moved whole to another rank, split over it and another, or its
+    piece of a split document handed to a rank outside the sub-ring or dropped (the sub-ring one
+    smaller) or added to by one more rank; each alone or with a whole document of the rank that
+    gained coming back to make room (the ``tries`` nearest in tokens to what it gained)."""
+    R = len(loads.pairs)
+    for _ in range(rounds):
+        costs = [loads.cost(r) for r in range(R)]
+        worst = max(range(R), key=costs.__getitem__)
+        order = sorted(range(R), key=lambda r: -costs[r])
+        square = sum(c * c for c in costs)
+        best = ((costs[worst], square), None)
+        held = [d for d, (ranks, _) in enumerate(loads.assignment) if worst in ranks]
+        whole = [[] for _ in range(R)]
+        for d, (ranks, _) in enumerate(loads.assignment):
+            if len(ranks) == 1:
+                whole[ranks[0]].append(d)
+
+        def score(changes, touched):
+            olds = [(d, loads.move(d, where)) for d, where in changes]
+            ok = all(loads.tokens[r] <= max_tokens and loads.pairs[r] <= max_pairs for r in touched)
+            result = None
+            if ok:
+                top = max([loads.cost(r) for r in touched] + [next((costs[r] for r in order if r not in touched), 0)])
+                result = (top, square + sum(loads.cost(r) ** 2 - costs[r] ** 2 for r in touched))
+            for d, where in reversed(olds):
+                loads.move(d, where)
+            return result
+
+        for d in sorted(held, key=lambda d: -loads.split(d, len(loads.assignment[d][0]))[1][0])[:tries]:
+            ranks, padded = loads.assignment[d]
+            k = len(ranks)
+            if k == 1:
+                options = [((b,), loads.lengths[d]) for b in range(R) if b != worst]
+                options += [(tuple(sorted((worst, b))), loads.split(d, 2)[0]) for b in range(R) if b != worst]
+            else:
+                rest = tuple(r for r in ranks if r != worst)
+                options = [(rest, loads.split(d, k - 1)[0])] if k > 2 else [(rest, loads.lengths[d])]
+                options += [(tuple(sorted(b if r == worst else r for r in ranks)), padded) for b in range(R) if b not in ranks]
+                options += [(tuple(sorted(ranks + (b,))), loads.split(d, k + 1)[0]) for b in range(R) if b not in ranks]
+            for where in options:
+                gained = [r for r in where[0] if r not in ranks]
+                touched = set(ranks) | set(where[0])
+                candidates = [[(d, where)]]
+                for b in gained:
+                    need = where[1] // len(where[0])
+                    back = sorted(whole[b], key=lambda e: abs(loads.lengths[e] - need))[:tries]
+                    candidates += [[(d, where), (e, ((worst,), loads.lengths[e]))] for e in back]
+                for changes in candidates:
+                    result = score(changes, touched)
+                    if result is not None and result < best[0]:
+                        best = (result, changes)
+        if best[1] is None:
+            return
+        for d, where in best[1]:
+            loads.move(d, where)
+
+
 def place_documents(cu_seqlens, ring_size: int, ulysses_size: int = 1, *, window: int | None = None,
-                    max_imbalance: float = 1.03, max_padding: float = 0.01) -> DocumentPlacement:
+                    max_imbalance: float = 1.03, max_padding: float = 0.01,
+                    segment_cost: int = SEGMENT_COST) -> DocumentPlacement:
     """Place packed documents (global ``cu_seqlens`` of the unpadded packed sequence) on ``ring_size``
     ring ranks by causal work (see the module docstring). ``ulysses_size``: each ring rank's token
     count is made a multiple of it. ``window``: a left window bound, for the work count. The result
     is balanced within ``max_imbalance`` (largest rank's attended pairs over the mean) with at most
-    ``max_padding`` padding whenever some candidate reaches both, else as close as the candidates get."""
+    ``max_padding`` padding whenever some candidate reaches both, else as close as the candidates get.
+    ``segment_cost``: what a kernel call spends on one document segment beyond its attended pairs,
+    in attended pairs (the model that picks among the balanced placements)."""
     check_sizes(ring_size, ulysses_size, window)
     if max_imbalance < 1 or max_padding < 0:
         raise SPConfigError(f"max_imbalance must be >= 1 and max_padding >= 0, got {max_imbalance}, {max_padding}")
@@ -210,18 +327,30 @@ def place_documents(cu_seqlens, ring_size: int, ulysses_size: int = 1, *, window
         return spread
     mean = sum(document_pairs(n, window) for n in lengths) / R
 
+    def assignment(p: DocumentPlacement):
+        return [(d.ranks, d.padded_length) for d in p.documents]
+
     def preference(p: DocumentPlacement):
         within = p.balance <= max_imbalance and p.padding <= max_padding
         excess = max(p.balance / max_imbalance, (1 + p.padding) / (1 + max_padding))
-        traffic = _traffic([(d.ranks, d.padded_length) for d in p.documents])
-        return (0, traffic, p.padding, p.balance) if within else (1, excess, traffic, p.padding)
+        slowest = _Loads(lengths, assignment(p), R, window, segment_cost).largest_cost()
+        return (0, slowest, _traffic(assignment(p)), p.padding) if within else (1, excess, slowest, p.padding)
 
     candidates = [spread]
     for slack in (0.0, max_padding / 3, 2 * max_padding / 3):
         capacity = _round_up(-(-N // R) + int(slack * N / R), ulysses_size)
-        for soft in (1.0, 1 + (max_imbalance - 1) / 3, 1 + 2 * (max_imbalance - 1) / 3):
-            assignment = _Greedy(lengths, R, capacity, max_imbalance * mean, soft * mean, window).run()
-            candidates.append(_assemble(starts, lengths, assignment, R, ulysses_size, window))
-            if _traffic(assignment) == 0 and preference(candidates[-1])[0] == 0:
+        for soft in (1.0, 1 + (max_imbalance - 1) / 3, 1 + 2 * (max_imbalance - 1) / 3, max_imbalance):
+            placed = _Greedy(lengths, R, capacity, max_imbalance * mean, soft * mean, window).run()
+            candidates.append(_assemble(starts, lengths, placed, R, ulysses_size, window))
+            if _traffic(placed) == 0 and preference(candidates[-1])[0] == 0:
                 return candidates[-1]  # within the targets with no ring traffic at all
-    return min(candidates, key=preference)
+    best = min(candidates, key=preference)
+    if best is spread:
+        return spread
+    # the budgets: a rank's tokens within the padding target, its pairs within the balance target
+    # (or what the best candidate already has where it misses them)
+    loads = _Loads(lengths, assignment(best), R, window, segment_cost)
+    token_budget = int((1 + max_padding) * N / R) // ulysses_size * ulysses_size
+    _refine(loads, max(token_budget, max(loads.tokens)), max(int(max_imbalance * mean), max(loads.pairs)))
+    refined = _assemble(starts, lengths, loads.assignment, R, ulysses_size, window)
+    return min((refined, best), key=preference)
