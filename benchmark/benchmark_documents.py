@@ -21,9 +21,9 @@ the plan the placed ring makes for it (:func:`plan_step`) with no communication,
 today's varlen ring for the zigzag; ``torch_cp``: FlexAttention with the document mask under torch's context
 parallelism, or the reason it cannot run. ``--compute_side`` (one process, one GPU): every rank's
 block calls of the placed ring's plan (:func:`plan_step`; the per-document zigzag as a placement
-that splits every document over every rank), the ranks timed in turn for ``--rounds`` rounds (each rank's
-median over all of them), for P in ``--world``; compute-side efficiency = (one-GPU varlen time / P)
-/ (slowest rank's kernel time), for both layouts.
+that splits every document over every rank), the ranks and the one-GPU varlen call timed in turn for ``--rounds`` rounds (each
+one's median over all of them), for P in ``--world``; compute-side efficiency = (one-GPU varlen time
+of the same rounds / P) / (slowest rank's kernel time), for both layouts.
 """
 from __future__ import annotations
 
@@ -182,25 +182,29 @@ def compute_side(args, device, dtype) -> list[dict]:
             fields = dict(kv_heads=kv, seq_len=total, fwd_only=fwd_only, distribution=name, window=window,
                           backend=args.backend, ulysses=1, ring=1)
             base = common.base_record("single_gpu", args, device, 1, layout=None, kernel=None, config=name, **fields)
+            base_step = None
             try:
                 q, k, v = make_inputs(args, kv, total, device, dtype, args.seed)
-                step, base["kernel"] = calls_step([whole_batch_call(lengths, window)], q, k, v, args.backend, fwd_only)
-                base.update(common.time_iterations(step, args.warmup, args.iters, device))
-                (base["time_ms"],), _ = round_robin_times([step], args, device)  # as every rank is timed
+                base_step, base["kernel"] = calls_step([whole_batch_call(lengths, window)], q, k, v, args.backend, fwd_only)
+                base.update(common.time_iterations(base_step, args.warmup, args.iters, device))
+                (base["time_ms"],), _ = round_robin_times([base_step], args, device)  # as every rank is timed
                 base.update(common.throughput_fields(base, document_flops(args, lengths, window, fwd_only), 1))
             except Exception as exc:
-                base["error"] = common.error_text(exc)
+                base["error"], base_step = common.error_text(exc), None
             common.report(base, args.out)
             records.append(base)
             for P in args.world:
                 for layout in args.layout:
-                    records.append(compute_side_config(args, lengths, window, P, layout, base, fields, device, dtype))
+                    records.append(compute_side_config(args, lengths, window, P, layout, base_step, fields, device, dtype))
                     common.report(records[-1], args.out)
             common.release_memory(device)
     return records
 
 
-def compute_side_config(args, lengths, window, P, layout, base, fields, device, dtype) -> dict:
+def compute_side_config(args, lengths, window, P, layout, base_step, fields, device, dtype) -> dict:
+    """Every rank's calls of ``layout``'s plan, timed in the same rounds as the one-GPU call
+    ``base_step`` (None where it failed): the GPU's clocks drift over minutes, and a baseline timed
+    before the ranks charged that drift to them."""
     record = common.base_record("compute_side", args, device, P, layout=layout, kernel=None,
                                 config=f"{fields['distribution']} P={P} {layout}", **dict(fields, ring=P))
     try:
@@ -211,13 +215,14 @@ def compute_side_config(args, lengths, window, P, layout, base, fields, device, 
             step, names = plan_step(placement, r, args, fields["kv_heads"], device, dtype, fields["fwd_only"])
             steps.append(step)
             kernels.update(names)
-        rank_ms, rank_enqueue_ms = round_robin_times(steps, args, device)
+        timed, enqueue = round_robin_times(steps + ([base_step] if base_step else []), args, device)
+        rank_ms, rank_enqueue_ms = timed[:P], enqueue[:P]
         record.update(kernel=",".join(sorted(kernels)), rank_ms=rank_ms, rank_enqueue_ms=rank_enqueue_ms,
                       rounds=args.rounds, time_ms=max(rank_ms))
         record.update(common.throughput_fields(record, document_flops(args, lengths, window, fields["fwd_only"]), P))
-        if base.get("error") is None:
-            record.update(single_ms=base["time_ms"], perfect_ms=base["time_ms"] / P,
-                          efficiency=base["time_ms"] / P / max(rank_ms))
+        if base_step:
+            single = timed[P]
+            record.update(single_ms=single, perfect_ms=single / P, efficiency=single / P / max(rank_ms))
     except Exception as exc:
         record["error"] = common.error_text(exc)
     finally:
