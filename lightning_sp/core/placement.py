@@ -25,11 +25,11 @@ That greedy runs for a few soft targets and token slacks, and the per-document z
 :func:`spread_documents` is always a candidate, so the result is never worse balanced than it. Among
 the candidates within ``max_imbalance`` and ``max_padding``, the one whose slowest rank is fastest by
 a kernel-time model wins (ties: the least K/V traffic; one with no traffic at all is taken at
-once): a rank's time is its attended pairs plus a
-fixed cost per document segment of its calls (``segment_cost``; a document over k ranks is a segment
-at each of its k steps), since a tighter balance bought with more split documents costs more in
-their short calls than it gains. A local search (:func:`_refine`) then lowers that slowest rank
-further by moving, splitting or handing over single documents within the same targets.
+once): a rank's time is its attended pairs plus a cost per query and key row of its blocks
+(``row_cost``; a document split over k ranks puts about 1.5 n rows on each), since a tighter
+balance bought with more split documents costs more in their short blocks than it gains. A local
+search (:func:`_refine`) then lowers that slowest rank further by moving, splitting or handing over
+single documents within the same targets.
 
 Only causal attention (optionally with a left window) is placed: the padding at a split
 document's end is then invisible to its real tokens.
@@ -56,9 +56,10 @@ def _documents(cu_seqlens) -> tuple[list[int], list[int]]:
     return [a for a, _ in docs], [n for _, n in docs]
 
 
-# What a kernel call spends on one document segment beyond its attended pairs, in attended pairs:
-# FA4's forward and backward on Hopper fit it (benchmark/results/2026-12-06-run14/NOTES.md).
-SEGMENT_COST = 786_432
+# What a kernel spends per row of a block (a query row or a key row) beyond the block's attended
+# pairs, in attended pairs: FA4's forward and backward on Hopper fit it
+# (benchmark/results/2026-12-06-run15/NOTES.md).
+ROW_COST = 363
 
 
 def _round_up(x: int, m: int) -> int:
@@ -203,17 +204,25 @@ def _traffic(assignment) -> int:
     return sum(padded * (len(ranks) - 1) for ranks, padded in assignment)
 
 
-class _Loads:
-    """Per ring rank: the attended pairs, (document, ring step) segments and tokens of an assignment,
-    kept up to date as documents change place. A rank's modelled kernel time is its pairs plus
-    ``segment_cost`` per segment: a call pays for each document segment beyond its pairs (tiles
-    begun and drained, a short block's lower rate), and a document over k ranks is k segments on
-    each of them, one per ring step."""
+def block_rows(n: int, k: int, padded: int) -> int:
+    """The query plus key rows of the blocks one rank computes (without a window) for a document of n
+    tokens over k ranks, padded to ``padded``: whole, one causal n x n block; split with the zigzag rule
+    into chunks of c, one causal 2c x 2c block of its own two chunks and one block of c x 2c or 2c x c
+    at each other step."""
+    return 2 * n if k == 1 else (3 * k + 1) * (padded // (2 * k))
 
-    def __init__(self, lengths, assignment, ring_size, window, segment_cost):
-        self.lengths, self.window, self.segment_cost = lengths, window, segment_cost
+
+class _Loads:
+    """Per ring rank: the attended pairs, block rows and tokens of an assignment, kept up to date as
+    documents change place. A rank's modelled kernel time is its pairs plus ``row_cost`` per block
+    row: besides its pairs a kernel pays for every query row and key row of a block (the tiles each
+    begins and drains, the lower rate of short blocks), so a document split over k ranks costs more
+    than its pairs, about 1.5 n rows on each of them against 2 n once whole."""
+
+    def __init__(self, lengths, assignment, ring_size, window, row_cost):
+        self.lengths, self.window, self.row_cost = lengths, window, row_cost
         self.assignment = [(tuple(ranks), padded) for ranks, padded in assignment]
-        self.pairs, self.segments, self.tokens = [0] * ring_size, [0] * ring_size, [0] * ring_size
+        self.pairs, self.rows, self.tokens = [0] * ring_size, [0] * ring_size, [0] * ring_size
         self._shares: dict = {}
         for d, where in enumerate(self.assignment):
             self._add(d, where, 1)
@@ -226,9 +235,10 @@ class _Loads:
 
     def _add(self, d: int, where, sign: int) -> None:
         ranks, padded = where
+        rows = block_rows(self.lengths[d], len(ranks), padded)
         for r, share in zip(ranks, self.split(d, len(ranks))[1]):
             self.pairs[r] += sign * share
-            self.segments[r] += sign * len(ranks)
+            self.rows[r] += sign * rows
             self.tokens[r] += sign * (padded // len(ranks))
 
     def move(self, d: int, where) -> tuple:
@@ -240,7 +250,7 @@ class _Loads:
         return old
 
     def cost(self, r: int) -> int:
-        return self.pairs[r] + self.segment_cost * self.segments[r]
+        return self.pairs[r] + self.row_cost * self.rows[r]
 
     def largest_cost(self) -> int:
         return max(map(self.cost, range(len(self.pairs))))
@@ -309,14 +319,14 @@ def _refine(loads: _Loads, max_tokens: int, max_pairs: int, *, tries: int = 6, r
 
 def place_documents(cu_seqlens, ring_size: int, ulysses_size: int = 1, *, window: int | None = None,
                     max_imbalance: float = 1.03, max_padding: float = 0.01,
-                    segment_cost: int = SEGMENT_COST) -> DocumentPlacement:
+                    row_cost: int = ROW_COST) -> DocumentPlacement:
     """Place packed documents (global ``cu_seqlens`` of the unpadded packed sequence) on ``ring_size``
     ring ranks by causal work (see the module docstring). ``ulysses_size``: each ring rank's token
     count is made a multiple of it. ``window``: a left window bound, for the work count. The result
     is balanced within ``max_imbalance`` (largest rank's attended pairs over the mean) with at most
     ``max_padding`` padding whenever some candidate reaches both, else as close as the candidates get.
-    ``segment_cost``: what a kernel call spends on one document segment beyond its attended pairs,
-    in attended pairs (the model that picks among the balanced placements)."""
+    ``row_cost``: what a kernel spends per query or key row of a block beyond its attended pairs, in
+    attended pairs (the model that picks among the balanced placements; 0: pairs alone)."""
     check_sizes(ring_size, ulysses_size, window)
     if max_imbalance < 1 or max_padding < 0:
         raise SPConfigError(f"max_imbalance must be >= 1 and max_padding >= 0, got {max_imbalance}, {max_padding}")
@@ -333,7 +343,7 @@ def place_documents(cu_seqlens, ring_size: int, ulysses_size: int = 1, *, window
     def preference(p: DocumentPlacement):
         within = p.balance <= max_imbalance and p.padding <= max_padding
         excess = max(p.balance / max_imbalance, (1 + p.padding) / (1 + max_padding))
-        slowest = _Loads(lengths, assignment(p), R, window, segment_cost).largest_cost()
+        slowest = _Loads(lengths, assignment(p), R, window, row_cost).largest_cost()
         return (0, slowest, _traffic(assignment(p)), p.padding) if within else (1, excess, slowest, p.padding)
 
     candidates = [spread]
@@ -347,10 +357,9 @@ def place_documents(cu_seqlens, ring_size: int, ulysses_size: int = 1, *, window
     best = min(candidates, key=preference)
     if best is spread:
         return spread
-    # the budgets: a rank's tokens within the padding target, its pairs within the balance target
-    # (or what the best candidate already has where it misses them)
-    loads = _Loads(lengths, assignment(best), R, window, segment_cost)
-    token_budget = int((1 + max_padding) * N / R) // ulysses_size * ulysses_size
-    _refine(loads, max(token_budget, max(loads.tokens)), max(int(max_imbalance * mean), max(loads.pairs)))
+    # the budgets: no rank fuller than the best candidate's fullest (no padding added for speed),
+    # its pairs within the balance target (or as the best candidate has them where it misses it)
+    loads = _Loads(lengths, assignment(best), R, window, row_cost)
+    _refine(loads, max(loads.tokens), max(int(max_imbalance * mean), max(loads.pairs)))
     refined = _assemble(starts, lengths, loads.assignment, R, ulysses_size, window)
     return min((refined, best), key=preference)
