@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from attention_cases import _grads_reference, _inputs, rel_err
+from attention_cases import _grads_reference, _inputs
 
 
 def cu(lengths) -> torch.Tensor:
@@ -52,7 +52,9 @@ def _attend(mesh, placement, lengths, inputs, window, dtype):
         out = lightning_sp.packed_long_context_attention(local, mesh, "zigzag", causal=True, window_size=w,
                                                          placement=placement)
         out.backward(placement.shard(dout, r, u).to(dtype))
-    errs = {name: rel_err(got[real], want[idx[real]])
+    # relative to the whole reference tensor: a rank whose real rows all have a zero gradient (it holds
+    # only the first token of a document, say) has nothing of its own to be relative to
+    errs = {name: float((got[real].double() - want[idx[real]].double()).norm() / want.double().norm())
             for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *(x.grad for x in local)), ref)}
     # filler (slots after the rank's pieces, in no document): out 0 and zero gradients; the padding at
     # a split document's end: zero gradients (its rows attend, but nothing real sees them)

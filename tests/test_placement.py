@@ -179,6 +179,13 @@ def test_mixed_batch_at_ring_8_is_placed_for_the_slowest_rank():
     assert max(costs) <= 1.01 * sum(costs) / 8, max(costs) * 8 / sum(costs)
 
 
+def test_balance_comes_before_the_model_where_the_padding_target_cannot_be_met():
+    # 103 tokens over 8 ranks need more than 1% padding whatever the placement; among such candidates
+    # the balance target is still met where one meets it, before the kernel-time model decides
+    p = P.place_documents(cu([97, 1, 5]), 8)
+    assert p.padding > 0.01 and p.balance <= 1.03, p.balance
+
+
 def test_refine_lowers_the_modelled_slowest_rank_within_the_budgets():
     rng = random.Random(5)
     for case in range(30):

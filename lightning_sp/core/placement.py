@@ -344,7 +344,8 @@ def place_documents(cu_seqlens, ring_size: int, ulysses_size: int = 1, *, window
         within = p.balance <= max_imbalance and p.padding <= max_padding
         excess = max(p.balance / max_imbalance, (1 + p.padding) / (1 + max_padding))
         slowest = _Loads(lengths, assignment(p), R, window, row_cost).largest_cost()
-        return (0, slowest, _traffic(assignment(p)), p.padding) if within else (1, excess, slowest, p.padding)
+        return ((0, slowest, _traffic(assignment(p)), p.padding) if within
+                else (1, excess, max(1.0, p.balance / max_imbalance), slowest, p.padding))
 
     candidates = [spread]
     for slack in (0.0, max_padding / 3, 2 * max_padding / 3):
