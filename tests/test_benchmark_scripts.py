@@ -368,7 +368,9 @@ def test_train_benchmark_find_max_survives_an_oom_on_one_rank(tmp_path):
                    "--checkpointing", "full"], out, env={"LIGHTNING_SP_BENCH_SIMULATE_OOM_ABOVE": "32"})
     rc, text = _finish(proc)
     assert rc == 0, text[-3000:]
-    ok, failed, summary = _records(out)
+    records = _records(out)
+    assert len(records) == 3, (records, text[-3000:])  # 32 completed, 64 failed, the summary
+    ok, failed, summary = records
     assert ok["seq_len"] == 32 and ok["completed"] and ok["checkpointing"] == "full"
     assert failed["seq_len"] == 64 and failed["completed"] is False and failed["oom"] is True
     assert "simulated out of memory" in failed["error"] and failed["command"] == ok["command"]
