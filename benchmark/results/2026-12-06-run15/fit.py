@@ -1,29 +1,30 @@
 """Run 15's fit of a rank's kernel time on the mixed batch (every record of it in runs 14 and 15,
 P = 2, 4, 8, placed and zigzag): least squares of the measured rank time (scaled to a 218.5 ms
 one-GPU call, the runs' machines differ by a few percent) on features counted from the placement's
-own blocks. Each record's placement is rebuilt with the code that made it (placement_9e3ca2e.py,
-placement_6be0c52.py, the library's for ba2f6bf) and checked against the recorded balance.
-Usage (CPU, from the repository root): python benchmark/results/2026-12-06-run15/fit.py"""
-import importlib.util, json, os, sys
+own blocks. Each record's placement is rebuilt with the code that made it (placement.py at 9e3ca2e
+6be0c52 and ba2f6bf, taken from git) and checked against the recorded balance.
+Usage (CPU, in a git clone, from the repository root): python benchmark/results/2026-12-06-run15/fit.py"""
+import json, os, subprocess, sys, types
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", ".."))  # benchmark/
 import benchmark_documents as bd
-from lightning_sp.core import placement as library
 
 
-def module(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, name + ".py"))
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
+def placement_at(commit):
+    """lightning_sp/core/placement.py as it was at ``commit``, its relative imports made absolute."""
+    source = subprocess.run(["git", "show", f"{commit}:lightning_sp/core/placement.py"], capture_output=True,
+                            text=True, check=True, cwd=HERE).stdout
+    m = types.ModuleType(f"placement_{commit}")
+    exec(source.replace("from .", "from lightning_sp.core."), m.__dict__)
     return m
 
 
-old, seg = module("placement_9e3ca2e"), module("placement_6be0c52")
+old, seg, final = placement_at("9e3ca2e"), placement_at("6be0c52"), placement_at("ba2f6bf")
 RECORDS = [("../2026-12-06-run14/documents_head.jsonl", old), ("../2026-12-06-run14/documents_final_tie1.jsonl", old),
            ("documents_6be0c52.jsonl", seg), ("documents_6be0c52_mixed_repeat.jsonl", seg),
-           ("documents_final.jsonl", library), ("documents_final_mixed_repeat.jsonl", library)]
+           ("documents_final.jsonl", final), ("documents_final_mixed_repeat.jsonl", final)]
 lengths, _ = bd.distribution("mixed")
 
 
@@ -58,4 +59,4 @@ for label, A in (("pairs + blocks", X[:, [0, 3]]), ("pairs + rows (q + k)", rows
     rel = (A @ coef - y) / y
     print(f"{label:24s} ms per (M pairs, ...): {np.round(coef, 5)}  rms {np.sqrt((rel ** 2).mean()):.4f}  max {abs(rel).max():.4f}")
 coef, *_ = np.linalg.lstsq(rows, y, rcond=None)
-print(f"row cost in attended pairs: {coef[1] / coef[0] * 1000:.0f} (the library's ROW_COST: {library.ROW_COST})")
+print(f"row cost in attended pairs: {coef[1] / coef[0] * 1000:.0f} (ba2f6bf's ROW_COST: {final.ROW_COST})")

@@ -8,7 +8,9 @@
    with every sub-ring but the largest in reverse member order (a rank that is a late member of the
    64K document's sub-ring, with many steps whose queries are both its chunks, becomes an early member
    of doc 12's); and the least-traffic placement of 9e3ca2e (run 14's).
-Usage (GPU, FA4 installed): python probe.py OUT.jsonl [PATH_OF_OLD_PLACEMENT_MODULE]"""
+Usage (GPU, FA4 installed): python probe.py OUT.jsonl [OLD_PLACEMENT]; OLD_PLACEMENT: a file holding
+`git show 9e3ca2e:lightning_sp/core/placement.py` with ``from .`` made ``from lightning_sp.core.``
+(the run's command passed it as placement_9e3ca2e.py)."""
 import json, os, statistics, sys
 import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))  # benchmark/
