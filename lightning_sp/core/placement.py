@@ -56,9 +56,9 @@ def _documents(cu_seqlens) -> tuple[list[int], list[int]]:
     return [a for a, _ in docs], [n for _, n in docs]
 
 
-# What a kernel spends per row of a block (a query row or a key row) beyond the block's attended
-# pairs, in attended pairs: FA4's forward and backward on Hopper fit it
-# (benchmark/results/2026-12-06-run15/NOTES.md).
+# The kernel-time model's cost per row of a block (a query row or a key row) beyond the block's
+# attended pairs, in attended pairs: fitted to FA4's forward and backward on Hopper over the ranks of
+# packed batches (benchmark/results/2026-12-06-run15/NOTES.md).
 ROW_COST = 363
 
 
@@ -215,9 +215,9 @@ def block_rows(n: int, k: int, padded: int) -> int:
 class _Loads:
     """Per ring rank: the attended pairs, block rows and tokens of an assignment, kept up to date as
     documents change place. A rank's modelled kernel time is its pairs plus ``row_cost`` per block
-    row: besides its pairs a kernel pays for every query row and key row of a block (the tiles each
-    begins and drains, the lower rate of short blocks), so a document split over k ranks costs more
-    than its pairs, about 1.5 n rows on each of them against 2 n once whole."""
+    row (query or key): a fitted stand-in for the lower rate of shorter blocks, under which a document
+    split over k ranks costs more than its pairs, about 1.5 n rows on each of them against 2 n once
+    whole."""
 
     def __init__(self, lengths, assignment, ring_size, window, row_cost):
         self.lengths, self.window, self.row_cost = lengths, window, row_cost
