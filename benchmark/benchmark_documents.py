@@ -21,9 +21,11 @@ the plan the placed ring makes for it (:func:`plan_step`) with no communication,
 today's varlen ring for the zigzag; ``torch_cp``: FlexAttention with the document mask under torch's context
 parallelism, or the reason it cannot run. ``--compute_side`` (one process, one GPU): every rank's
 block calls of the placed ring's plan (:func:`plan_step`; the per-document zigzag as a placement
-that splits every document over every rank), the ranks and the one-GPU varlen call timed in turn for ``--rounds`` rounds (each
-one's median over all of them), for P in ``--world``; compute-side efficiency = (one-GPU varlen time
-of the same rounds / P) / (slowest rank's kernel time), for both layouts.
+that splits every document over every rank), the ranks and the one-GPU varlen call timed in turn
+for ``--rounds`` rounds (each one's median over all of them), for P GPUs in ``--world`` as Ulysses U
+x ring P / U for U in ``--ulysses`` (default 1: a ring of P; under U > 1 every GPU runs its ring
+rank's calls on nheads / U heads); compute-side efficiency = (one-GPU varlen time of the same rounds
+/ P) / (slowest rank's kernel time), for both layouts.
 """
 from __future__ import annotations
 
@@ -91,18 +93,19 @@ def whole_batch_call(lengths, window) -> Call:
     return Call(torch.arange(sum(lengths)), cu_seqlens(lengths).to(torch.int32), (window, None))
 
 
-def plan_step(placement, rank: int, args, kv: int, device, dtype, fwd_only: bool):
+def plan_step(placement, rank: int, args, kv: int, device, dtype, fwd_only: bool, heads: int | None = None):
     """``rank``'s share of the ring over ``placement`` without the ring: the block calls of every step
     of the plan the placed ring itself makes (:class:`~lightning_sp.core.attention.placed_plan.PlacedPlan`),
     run on its own q, k, v and on random K/V buffers standing for what each step receives (in the
-    step's own (tokens, 2, heads, dim) layout), forward and backward. No communication, no merging."""
+    step's own (tokens, 2, heads, dim) layout), forward and backward. No communication, no merging.
+    ``heads``: query heads on this GPU (default ``args.nheads``; under Ulysses U, nheads / U)."""
     from lightning_sp.core.attention.placed import placed_spec
     from lightning_sp.core.attention.placed_plan import PlacedPlan
     from lightning_sp.core.attention.ring import RingSpec
     from lightning_sp.core.mesh import rank_coordinates
 
     mesh = rank_coordinates(placement.ring_size, 1, rank)
-    q, k, v = make_inputs(args, kv, placement.tokens_per_rank, device, dtype, args.seed + rank)
+    q, k, v = make_inputs(args, kv, placement.tokens_per_rank, device, dtype, args.seed + rank, heads)
     spec = RingSpec(mesh, "zigzag", True, args.head_dim ** -0.5, (placement.window, None), args.backend)
     plan = PlacedPlan(placed_spec(spec, placement), placement, q, k)
     like = torch.stack([k, v], dim=1)
@@ -125,9 +128,9 @@ def plan_step(placement, rank: int, args, kv: int, device, dtype, fwd_only: bool
     return step, [plan.kernel.name]
 
 
-def make_inputs(args, kv, rows, device, dtype, seed):
+def make_inputs(args, kv, rows, device, dtype, seed, heads=None):
     g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(rows, args.nheads, args.head_dim, generator=g, device=device, dtype=dtype)
+    q = torch.randn(rows, heads or args.nheads, args.head_dim, generator=g, device=device, dtype=dtype)
     k, v = (torch.randn(rows, kv, args.head_dim, generator=g, device=device, dtype=dtype) for _ in range(2))
     return q, k, v
 
@@ -194,34 +197,43 @@ def compute_side(args, device, dtype) -> list[dict]:
             common.report(base, args.out)
             records.append(base)
             for P in args.world:
-                for layout in args.layout:
-                    records.append(compute_side_config(args, lengths, window, P, layout, base_step, fields, device, dtype))
-                    common.report(records[-1], args.out)
+                for U in args.ulysses:
+                    for layout in args.layout:
+                        records.append(compute_side_config(args, lengths, window, P, U, layout, base_step, fields,
+                                                           device, dtype))
+                        common.report(records[-1], args.out)
             common.release_memory(device)
     return records
 
 
-def compute_side_config(args, lengths, window, P, layout, base_step, fields, device, dtype) -> dict:
-    """Every rank's calls of ``layout``'s plan, timed in the same rounds as the one-GPU call
-    ``base_step`` (None where it failed): the GPU's clocks drift over minutes, and a baseline timed
-    before the ranks charged that drift to them."""
+def compute_side_config(args, lengths, window, P, U, layout, base_step, fields, device, dtype) -> dict:
+    """Every ring rank's calls of ``layout``'s plan over P GPUs as Ulysses U x ring P / U (each GPU of
+    a ring rank runs that rank's calls on nheads / U heads, so one per ring rank is timed), in the
+    same rounds as the one-GPU call ``base_step`` (None where it failed): the GPU's clocks drift over
+    minutes, and a baseline timed before the ranks charged that drift to them."""
+    R = P // U if U > 0 and P % U == 0 else None
     record = common.base_record("compute_side", args, device, P, layout=layout, kernel=None,
-                                config=f"{fields['distribution']} P={P} {layout}", **dict(fields, ring=P))
+                                config=f"{fields['distribution']} P={P}{f' ulysses {U}' if U > 1 else ''} {layout}",
+                                **dict(fields, ulysses=U, ring=R))
     try:
-        placement = LAYOUTS[layout](cu_seqlens(lengths), P, 1, window=window)
+        kv = fields["kv_heads"]
+        if R is None or args.nheads % U or kv % U:
+            raise ValueError(f"--ulysses {U} must divide P={P}, the query heads ({args.nheads}) and the KV heads "
+                             f"({kv}); choose a degree that divides all three")
+        placement = LAYOUTS[layout](cu_seqlens(lengths), R, U, window=window)
         record.update(placement_fields(placement))
         steps, kernels = [], set()
-        for r in range(P):
-            step, names = plan_step(placement, r, args, fields["kv_heads"], device, dtype, fields["fwd_only"])
+        for r in range(R):
+            step, names = plan_step(placement, r, args, kv // U, device, dtype, fields["fwd_only"], args.nheads // U)
             steps.append(step)
             kernels.update(names)
         timed, enqueue = round_robin_times(steps + ([base_step] if base_step else []), args, device)
-        rank_ms, rank_enqueue_ms = timed[:P], enqueue[:P]
+        rank_ms, rank_enqueue_ms = timed[:R], enqueue[:R]
         record.update(kernel=",".join(sorted(kernels)), rank_ms=rank_ms, rank_enqueue_ms=rank_enqueue_ms,
                       rounds=args.rounds, time_ms=max(rank_ms))
         record.update(common.throughput_fields(record, document_flops(args, lengths, window, fields["fwd_only"]), P))
         if base_step:
-            single = timed[P]
+            single = timed[R]
             record.update(single_ms=single, perfect_ms=single / P, efficiency=single / P / max(rank_ms))
     except Exception as exc:
         record["error"] = common.error_text(exc)
@@ -382,6 +394,12 @@ def _share(r, singles) -> float | None:
     return base["time_ms"] / r["world"] / r["time_ms"] if base else None
 
 
+def _gpus(r) -> str:
+    """P, and the Ulysses x ring split where Ulysses takes part."""
+    u = r.get("ulysses") or 1
+    return f"P={r['world']}" + (f" (U{u} x R{r.get('ring')})" if u > 1 else "")
+
+
 def _shape(r) -> tuple:
     return (r.get("card"), r.get("nheads"), r.get("kv_heads"), r.get("head_dim"), r.get("seq_len"), r.get("fwd_only"))
 
@@ -390,7 +408,8 @@ def _organize(records):
     """(latest successful records by configuration, failures)."""
     latest: dict[tuple, dict] = {}
     for r in records:
-        latest[_shape(r) + (r.get("name"), r.get("distribution"), r.get("world"), r.get("layout"), r.get("path"))] = r
+        latest[_shape(r) + (r.get("name"), r.get("distribution"), r.get("world"), r.get("ulysses"), r.get("layout"),
+                            r.get("path"))] = r
     ok = [r for r in latest.values() if not r.get("error")]
     return ok, [r for r in latest.values() if r.get("error")]
 
@@ -404,8 +423,8 @@ def summary(records) -> str:
         lines.append(f"== h{h}/kv{kv} d{d} S={S} {'fwd' if fwd else 'fwd+bwd'} on {card}")
         rows = [r for r in ok if _shape(r) == shape]
         for r in sorted((r for r in rows if r["name"] == "compute_side"),
-                        key=lambda r: (r["distribution"], r["world"], r["layout"])):
-            lines.append(f"   compute-side {r['distribution']:8s} P={r['world']:<3d} {r['layout']:7s} slowest rank "
+                        key=lambda r: (r["distribution"], r["world"], r.get("ulysses") or 1, r["layout"])):
+            lines.append(f"   compute-side {r['distribution']:8s} {_gpus(r):<5s} {r['layout']:7s} slowest rank "
                          f"{r['time_ms']:9.3f} ms, perfect {r.get('perfect_ms', math.nan):9.3f} ms: "
                          f"{100 * r.get('efficiency', math.nan):5.1f}%  (balance {r['balance']:.3f}, "
                          f"{r['spanning_documents']}/{r['documents']} documents span ranks, "
@@ -438,7 +457,7 @@ def plot(records, out_dir: str) -> list[str]:
     paths = []
     for shape in sorted({_shape(r) for r in ok}, key=str):
         rows = [r for r in ok if _shape(r) == shape]
-        kinds = {"compute_side": [(r, f"P={r['world']} {r['layout']}", r.get("efficiency")) for r in rows
+        kinds = {"compute_side": [(r, f"{_gpus(r)} {r['layout']}", r.get("efficiency")) for r in rows
                                   if r["name"] == "compute_side"],
                  "distributed": [(r, f"{r['name']} {r.get('layout')} {r.get('path') or ''}".rstrip(), _share(r, singles))
                                  for r in rows if r["name"] in ("ours", "torch_cp")]}
@@ -483,7 +502,10 @@ def parse_args(argv=None):
     p.add_argument("--backend", default="auto", choices=backends(), help="block kernel of every call")
     p.add_argument("--compute_side", action="store_true",
                    help="one process: every rank's kernel calls one rank after another, for each P in --world")
-    p.add_argument("--world", type=int, nargs="+", default=[2, 4, 8], help="ring sizes P of --compute_side")
+    p.add_argument("--world", type=int, nargs="+", default=[2, 4, 8], help="GPU counts P of --compute_side")
+    p.add_argument("--ulysses", type=int, nargs="+", default=[1],
+                   help="--compute_side: Ulysses degrees U; each P runs as ulysses U x ring P / U (every GPU of a "
+                        "ring rank runs that rank's calls on nheads / U heads)")
     p.add_argument("--rounds", type=int, default=3,
                    help="--compute_side: rounds of timing every rank in turn (each rank's median over all of them)")
     p.add_argument("--summarize", nargs="+", default=None, metavar="JSONL",

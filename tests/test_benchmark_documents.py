@@ -83,6 +83,31 @@ def test_compute_side_records_and_summary(tmp_path, capsys):
     assert os.listdir(tmp_path / "plots") == ["documents_compute_side_h2_kv2_d16_s256_fwdbwd_cpu.png"]
 
 
+def test_compute_side_under_ulysses(tmp_path, capsys):
+    """P GPUs as ulysses U x ring P / U: one timed rank per ring rank, on nheads / U heads; a degree
+    that does not divide P or the heads gives a record naming the fix."""
+    out = str(tmp_path / "ulysses.jsonl")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert _module().main([*TINY, "--iters", "1", "--rounds", "1", "--compute_side", "--world", "4",
+                               "--ulysses", "1", "2", "4", "--distribution", "mixed", "--layout", "placed",
+                               "--out", out]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    with open(out) as f:
+        single, u1, u2, u4 = [json.loads(line) for line in f]
+    assert single["name"] == "single_gpu" and single["error"] is None
+    assert (u1["ulysses"], u1["ring"], len(u1["rank_ms"]), u1["error"]) == (1, 4, 4, None)
+    assert (u2["ulysses"], u2["ring"], len(u2["rank_ms"]), u2["error"]) == (2, 2, 2, None)
+    assert u2["world"] == 4 and u2["efficiency"] == pytest.approx(u2["single_ms"] / 4 / u2["time_ms"])
+    assert u2["tokens_per_rank"] % 2 == 0 and u2["tokens_per_rank"] * 2 >= 256  # a ring of 2, split by Ulysses
+    assert "--ulysses 4 must divide" in u4["error"] and "query heads (2)" in u4["error"]
+    capsys.readouterr()
+    text = _summarize(out, str(tmp_path / "plots"), capsys)
+    assert "compute-side mixed    P=4 (U2 x R2) placed " in text
+
+
 @pytest.mark.slow
 def test_torchrun_records(tmp_path, capsys):
     out = str(tmp_path / "dist.jsonl")
