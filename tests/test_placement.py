@@ -393,6 +393,8 @@ def test_errors_name_the_value():
         P.place_documents([0, 4], 2).step_blocks(0, window=-2)
     with pytest.raises(SPConfigError, match="max_imbalance must be >= 1"):
         P.place_documents([0, 4], 2, max_imbalance=0.9)
+    with pytest.raises(SPConfigError, match="row_cost must be an int >= 0"):
+        P.place_documents([0, 4], 2, row_cost=-1)
     # documents of length 0 (repeated offsets) are skipped
     p = P.place_documents([0, 3, 3, 8], 2)
     assert [(d.index, d.start, d.length) for d in p.documents] == [(0, 0, 3), (1, 3, 5)]

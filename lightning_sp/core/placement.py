@@ -296,7 +296,7 @@ def _refine(loads: _Loads, max_tokens: int, max_pairs: int, *, tries: int = 6, r
                 options += [(tuple(sorted((worst, b))), loads.split(d, 2)[0]) for b in range(R) if b != worst]
             else:
                 rest = tuple(r for r in ranks if r != worst)
-                options = [(rest, loads.split(d, k - 1)[0])] if k > 2 else [(rest, loads.lengths[d])]
+                options = [(rest, loads.split(d, k - 1)[0])]  # (k - 1 = 1: whole, unpadded)
                 options += [(tuple(sorted(b if r == worst else r for r in ranks)), padded) for b in range(R) if b not in ranks]
                 options += [(tuple(sorted(ranks + (b,))), loads.split(d, k + 1)[0]) for b in range(R) if b not in ranks]
             for where in options:
@@ -330,6 +330,8 @@ def place_documents(cu_seqlens, ring_size: int, ulysses_size: int = 1, *, window
     check_sizes(ring_size, ulysses_size, window)
     if max_imbalance < 1 or max_padding < 0:
         raise SPConfigError(f"max_imbalance must be >= 1 and max_padding >= 0, got {max_imbalance}, {max_padding}")
+    if not isinstance(row_cost, int) or isinstance(row_cost, bool) or row_cost < 0:
+        raise SPConfigError(f"row_cost must be an int >= 0 (attended pairs per block row; 0: pairs alone), got {row_cost!r}")
     starts, lengths = _documents(cu_seqlens)
     R, N = ring_size, sum(lengths)
     spread = spread_documents(cu_seqlens, R, ulysses_size, window=window)
